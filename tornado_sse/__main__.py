@@ -1,0 +1,3 @@
+from tornado_sse.cli import main
+
+main()

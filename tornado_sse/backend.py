@@ -1,0 +1,157 @@
+"""Where answers come from: the Backend protocol, and the OpenAI-compatible backend.
+
+A backend turns chat messages into an async iterator of deltas. Closing the iterator (`aclose()`,
+or cancelling the task that iterates it) closes the upstream HTTP response at once, so the
+upstream stops generating.
+
+The `openai` SDK does what it is good at: configuration, auth, base URL, retries before the first
+byte, and typed errors for non-2xx answers. The body is read raw and decoded here: the SDK's typed
+chunk objects cost tens of microseconds each, more than everything else on the per-token path,
+and the raw bytes also tell a finished stream (`data: [DONE]`) from a cut-off one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from typing import NamedTuple, Protocol
+
+import httpx2
+import openai
+
+from .errors import ErrorInStream, IncompleteStream, MalformedChunk
+from .settings import Settings
+
+Message = dict[str, str]
+
+
+class Delta(NamedTuple):
+    event: str  # "update" for answer text, "reasoning" for a reasoning model's thinking
+    text: str
+
+
+class Backend(Protocol):
+    name: str
+    model: str
+
+    def stream(self, messages: list[Message]) -> AsyncGenerator[Delta, None]: ...
+
+    async def close(self) -> None: ...
+
+
+class OpenAIBackend:
+    """Chat Completions from OpenAI or any server that speaks its API (Ollama, vLLM, ...)."""
+
+    def __init__(self, settings: Settings, *, name: str = "openai", base_url: str | None = None):
+        self.name = name
+        self.model = settings.model
+        self._settings = settings
+        timeout = httpx2.Timeout(settings.read_timeout, connect=settings.connect_timeout)
+        self._client = openai.AsyncOpenAI(
+            # A local server (Ollama, llama.cpp) needs no key, but the SDK insists on one.
+            api_key=settings.api_key or "no-key",
+            base_url=base_url or settings.base_url,
+            max_retries=settings.max_retries,
+            timeout=timeout,
+            # The SDK's default pool stops at 1,000 connections; one process holds more streams.
+            http_client=openai.DefaultAsyncHttpxClient(
+                timeout=timeout,
+                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=200),
+            ),
+        )
+
+    async def stream(self, messages: list[Message]) -> AsyncGenerator[Delta, None]:
+        s = self._settings
+        async with self._client.chat.completions.with_streaming_response.create(
+            model=s.model,
+            messages=messages,  # type: ignore[arg-type]
+            temperature=s.temperature,
+            max_tokens=s.max_tokens,
+            stream=True,
+        ) as response:
+            chunks = response.http_response.aiter_bytes()
+            events = EventStreamDecoder()
+            async for chunk in chunks:
+                for data in events.feed(chunk):
+                    if data == b"[DONE]":
+                        await _drain(chunks)
+                        return
+                    content, reasoning = parse_chat_chunk(data)
+                    if reasoning:
+                        yield Delta("reasoning", reasoning)
+                    if content:
+                        yield Delta("update", content)
+            raise IncompleteStream("the upstream ended the stream without data: [DONE]")
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def parse_chat_chunk(data: bytes) -> tuple[str | None, str | None]:
+    """A `chat.completion.chunk` -> (answer text, reasoning text), either of them None.
+
+    Chunks with no choices (Azure's prompt-filter results, the usage chunk), a null or missing
+    `content` and finish chunks are normal and give (None, None).
+    """
+    try:
+        chunk = json.loads(data)
+    except ValueError as exc:
+        raise MalformedChunk(f"chunk is not JSON ({exc}): {data[:200]!r}") from None
+    if not isinstance(chunk, dict):
+        raise MalformedChunk(f"chunk is not a JSON object: {data[:200]!r}")
+    if chunk.get("error"):
+        raise ErrorInStream(f"error object in the stream: {data[:500]!r}")
+    choices = chunk.get("choices")
+    if not choices:
+        return None, None
+    try:
+        delta = choices[0].get("delta") or {}
+        content = delta.get("content")
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+    except (AttributeError, LookupError, TypeError):
+        raise MalformedChunk(f"unexpected chunk shape: {data[:200]!r}") from None
+    if not isinstance(content, (str, type(None))) or not isinstance(reasoning, (str, type(None))):
+        raise MalformedChunk(f"delta text is not a string: {data[:200]!r}")
+    return content, reasoning
+
+
+class EventStreamDecoder:
+    """Incremental decoder of a `text/event-stream` body into each event's data.
+
+    Lines end at CRLF, CR or LF, also when a CRLF is split between two reads. Fields other than
+    `data` (`event`, `id`, `retry`) and comments are not needed for Chat Completions.
+    """
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        buf = self._tail + chunk if self._tail else chunk
+        held = b""
+        if b"\r" in buf:
+            if buf.endswith(b"\r"):  # maybe the first half of a CRLF split between two reads
+                buf, held = buf[:-1], b"\r"
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *lines, tail = buf.split(b"\n")
+        self._tail = tail + held
+        for line in lines:
+            if not line:
+                if self._data:
+                    data = b"\n".join(self._data)
+                    self._data = []
+                    yield data
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read what follows [DONE] (the end of the chunked body) so the connection can be reused."""
+    try:
+        async with asyncio.timeout(0.1):
+            async for _ in chunks:
+                pass
+    except (TimeoutError, httpx2.HTTPError):
+        pass  # the response is closed either way; the answer is complete

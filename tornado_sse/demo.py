@@ -1,0 +1,228 @@
+"""An OpenAI-compatible streaming upstream: the demo backend, the tests' fake and the benchmarks'.
+
+It speaks the exact Chat Completions wire format (a role chunk, content chunks, a finish chunk,
+`data: [DONE]`), so the demo runs the same `openai` SDK path as production. A `Script` says what
+to send and how to fail; the upstream records every request and every client that went away.
+
+    python -m tornado_sse.demo --port 9000 --tokens 200 --token-delay 0.02
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+from tornado.iostream import StreamClosedError
+
+FailureKind = Literal["status", "hang", "malformed", "error_event", "truncate", "reset", "stall"]
+FAILURES: tuple[str, ...] = FailureKind.__args__  # type: ignore[attr-defined]
+
+
+@dataclass
+class Script:
+    """What the upstream answers. A delta is answer text (str), a whole chunk object (dict), or
+    raw bytes written to the wire as they are."""
+
+    deltas: list[str | dict[str, Any] | bytes] | None = None  # None: the demo reply
+    tokens: int | None = None  # instead of deltas: this many generated tokens
+    stamp: bool = False  # generated tokens carry their send time (time.monotonic_ns())
+    first_token_delay: float = 0.0
+    token_delay: float = 0.0
+    fail: FailureKind | None = None
+    fail_after: int = 0  # deltas sent before the failure
+    status: int = 500  # for fail="status"
+    error_code: str | None = None  # for fail="status", e.g. "insufficient_quota"
+
+
+@dataclass
+class Disconnect:
+    at: float  # time.monotonic() when the client's close was seen
+    chunks_written: int  # data chunks written before that
+
+
+@dataclass
+class FakeUpstream:
+    script: Script = field(default_factory=Script)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    disconnects: list[Disconnect] = field(default_factory=list)
+    completed: int = 0
+
+    def make_app(self) -> tornado.web.Application:
+        return tornado.web.Application(
+            [(r"/v1/chat/completions", ChatCompletionsHandler, {"fake": self})],
+            log_function=lambda handler: None,  # the server in front logs its own requests
+        )
+
+    def listen(self, host: str = "127.0.0.1", port: int = 0) -> tuple[tornado.httpserver.HTTPServer, int]:
+        """Start serving on the running IOLoop; returns the server and its port."""
+        [sock] = tornado.netutil.bind_sockets(port, host, family=socket.AF_INET)
+        server = tornado.httpserver.HTTPServer(self.make_app())
+        server.add_sockets([sock])
+        return server, sock.getsockname()[1]
+
+
+def demo_reply(question: str) -> list[str]:
+    """A markdown-ish reply, split the way a model streams it: words, spaces and newlines."""
+    quoted = question if len(question) <= 80 else question[:77] + "..."
+    text = (
+        f"You asked: **{quoted}**\n\n"
+        "This is the **tornado-sse demo backend**, not a real model. It streams this reply token "
+        "by token over the same OpenAI-compatible wire format a real model uses, so you can see "
+        "the page, the stream and the Stop button work.\n\n"
+        "To connect a real model:\n\n"
+        "- OpenAI: set `OPENAI_API_KEY` and restart the server.\n"
+        "- Ollama, vLLM, llama.cpp or LM Studio: set `OPENAI_BASE_URL` "
+        "(for example `http://127.0.0.1:11434/v1`) and choose `--model`.\n\n"
+        "Then ask again, and the answer will come from the model."
+    )
+    tokens: list[str] = []
+    for word in text.split(" "):
+        tokens.append(word + " ")
+    tokens[-1] = tokens[-1].rstrip(" ")
+    return tokens
+
+
+_ID = "chatcmpl-tornado-sse-demo"
+
+
+def _chunk(model: str, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+    obj = {
+        "id": _ID,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+class ChatCompletionsHandler(tornado.web.RequestHandler):
+    def initialize(self, fake: FakeUpstream) -> None:
+        self.fake = fake
+        self.chunks_written = 0
+        self.gone = asyncio.Event()
+
+    def on_connection_close(self) -> None:
+        self.fake.disconnects.append(Disconnect(time.monotonic(), self.chunks_written))
+        self.gone.set()
+
+    async def send(self, data: bytes) -> None:
+        self.write(data)
+        await self.flush()
+        self.chunks_written += 1
+
+    async def post(self) -> None:
+        try:
+            body = json.loads(self.request.body)
+        except ValueError:
+            raise tornado.web.HTTPError(400) from None
+        self.fake.requests.append(body)
+        script = self.fake.script
+        model = str(body.get("model", "demo"))
+        if script.fail == "status":
+            await self.fail_with_status(script)
+            return
+        if script.fail == "hang" and script.fail_after == 0:
+            await self.gone.wait()
+            return
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        try:
+            await self.stream(script, model, self.deltas(script, body))
+        except StreamClosedError:
+            pass
+
+    def deltas(self, script: Script, body: dict[str, Any]) -> list[str | dict[str, Any] | bytes]:
+        if script.tokens is not None:
+            return [f"tok{i} " for i in range(script.tokens)]
+        if script.deltas is not None:
+            return script.deltas
+        messages = body.get("messages") or [{}]
+        return list(demo_reply(str(messages[-1].get("content", ""))))
+
+    async def stream(self, script: Script, model: str, deltas: list[str | dict[str, Any] | bytes]) -> None:
+        await self.send(_chunk(model, {"role": "assistant", "content": ""}))
+        if script.first_token_delay:
+            await asyncio.sleep(script.first_token_delay)
+        for i, delta in enumerate(deltas):
+            if script.fail is not None and i == script.fail_after:
+                await self.fail_midway(script)
+                return
+            if i and script.token_delay:
+                await asyncio.sleep(script.token_delay)
+            if self.gone.is_set():
+                return
+            if isinstance(delta, bytes):
+                await self.send(delta)
+            elif isinstance(delta, dict):
+                await self.send(b"data: " + json.dumps(delta).encode() + b"\n\n")
+            else:
+                text = f"{time.monotonic_ns()} " if script.stamp else delta
+                await self.send(_chunk(model, {"content": text}))
+        if script.fail is not None and script.fail_after >= len(deltas):
+            await self.fail_midway(script)
+            return
+        await self.send(_chunk(model, {}, finish_reason="stop"))
+        await self.send(b"data: [DONE]\n\n")
+        self.fake.completed += 1
+
+    async def fail_midway(self, script: Script) -> None:
+        if script.fail == "malformed":
+            await self.send(b'data: {"id": "chatcmpl-x", "choices": [{"delta": {"content": \n\n')
+        elif script.fail == "error_event":
+            error = {"error": {"message": "The server had an error while processing your request.",
+                               "type": "server_error", "code": None}}
+            await self.send(b"data: " + json.dumps(error).encode() + b"\n\n")
+        elif script.fail == "reset":
+            self.request.connection.stream.close()  # type: ignore[attr-defined]
+            return
+        elif script.fail in ("stall", "hang"):
+            await self.gone.wait()
+        # "truncate", and after the others: end the body cleanly, without [DONE]
+
+    async def fail_with_status(self, script: Script) -> None:
+        self.set_status(script.status)
+        self.set_header("Content-Type", "application/json")
+        code = script.error_code or {401: "invalid_api_key", 404: "model_not_found"}.get(script.status)
+        self.finish({"error": {"message": f"Scripted failure with status {script.status}.",
+                               "type": "invalid_request_error", "param": None, "code": code}})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tornado_sse.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per answer (default: the demo reply)")
+    parser.add_argument("--stamp", action="store_true", help="tokens carry their send time in ns")
+    parser.add_argument("--first-token-delay", type=float, default=0.3, help="seconds (default 0.3)")
+    parser.add_argument("--token-delay", type=float, default=0.03, help="seconds between tokens (default 0.03)")
+    parser.add_argument("--fail", choices=FAILURES, default=None, help="fail every answer this way")
+    parser.add_argument("--fail-after", type=int, default=0, help="tokens sent before failing")
+    parser.add_argument("--status", type=int, default=500, help="HTTP status for --fail status")
+    args = parser.parse_args(argv)
+    script = Script(tokens=args.tokens, stamp=args.stamp, first_token_delay=args.first_token_delay,
+                    token_delay=args.token_delay, fail=args.fail, fail_after=args.fail_after,
+                    status=args.status)
+
+    async def serve() -> None:
+        _, port = FakeUpstream(script).listen(args.host, args.port)
+        print(f"fake OpenAI-compatible upstream on http://{args.host}:{port}/v1", flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

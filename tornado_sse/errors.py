@@ -1,0 +1,108 @@
+"""What can go wrong with a stream, and the one function that turns it into words for a person.
+
+The tree of errors the backend raises itself (the SDK's and httpx's own errors pass through and
+are described here too):
+
+    UpstreamError
+    ├── MalformedChunk      a chunk that is not the JSON we expect
+    ├── ErrorInStream       the upstream sent an `error` object inside the stream
+    └── IncompleteStream    the stream ended without `data: [DONE]`
+
+`describe(exc)` is the only place that decides what the browser reads. The server log gets the
+exception itself; the client gets a code and a sentence, never a traceback, a path or a key.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import httpx2
+import openai
+
+
+class UpstreamError(Exception):
+    """The upstream's answer broke the protocol; the message is the detail for the log."""
+
+
+class MalformedChunk(UpstreamError):
+    pass
+
+
+class ErrorInStream(UpstreamError):
+    pass
+
+
+class IncompleteStream(UpstreamError):
+    pass
+
+
+class Failure(NamedTuple):
+    code: str
+    message: str
+
+
+_BY_STATUS = {
+    400: Failure("upstream_bad_request", "The model provider rejected the request (400)."),
+    401: Failure(
+        "upstream_unauthorized",
+        "The model provider rejected this server's API key (401). "
+        "The server's operator needs to check OPENAI_API_KEY.",
+    ),
+    403: Failure(
+        "upstream_forbidden",
+        "The model provider refused access to this model or region (403).",
+    ),
+    404: Failure(
+        "model_not_found",
+        "The model provider does not know the configured model or endpoint (404). "
+        "The server's operator needs to check --model and OPENAI_BASE_URL.",
+    ),
+    429: Failure(
+        "upstream_rate_limited",
+        "The model provider is rate-limiting this server (429). Please try again in a minute.",
+    ),
+}
+_QUOTA = Failure(
+    "upstream_quota_exceeded",
+    "The API account behind this server is out of credits (429). The operator needs to top it up.",
+)
+_SERVER_ERROR = Failure(
+    "upstream_unavailable", "The model provider had a problem answering. Please try again shortly."
+)
+_TIMEOUT = Failure("upstream_timeout", "The model provider took too long to answer.")
+_UNREACHABLE = Failure(
+    "upstream_unreachable", "This server could not reach the model provider. Please try again."
+)
+_INCOMPLETE = Failure(
+    "upstream_incomplete",
+    "The connection to the model provider broke off before the answer was complete.",
+)
+_INTERNAL = Failure("internal_error", "Something went wrong on this server. Please try again.")
+
+
+def describe(exc: BaseException) -> Failure:
+    """The error event's {code, message} for any exception that ended a stream."""
+    if isinstance(exc, openai.APIStatusError):
+        if exc.status_code == 429 and exc.code == "insufficient_quota":
+            return _QUOTA
+        if exc.status_code >= 500:
+            return _SERVER_ERROR
+        return _BY_STATUS.get(
+            exc.status_code,
+            Failure("upstream_error", f"The model provider refused the request ({exc.status_code})."),
+        )
+    if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException, TimeoutError)):
+        return _TIMEOUT
+    if isinstance(exc, (openai.APIConnectionError, httpx2.ConnectError)):
+        return _UNREACHABLE
+    if isinstance(exc, (httpx2.TransportError, IncompleteStream)):
+        return _INCOMPLETE
+    if isinstance(exc, MalformedChunk):
+        return Failure(
+            "upstream_malformed", "The model provider sent a reply this server could not read."
+        )
+    if isinstance(exc, ErrorInStream):
+        return Failure(
+            "upstream_error", "The model provider reported an error while writing the answer."
+        )
+    return _INTERNAL
