@@ -7,6 +7,7 @@ import site
 import sys
 from pathlib import Path
 
+import tornado.httpserver
 import tornado.web
 
 from .backend import Backend
@@ -14,6 +15,9 @@ from .handlers import AskHandler, HealthHandler, NotFoundHandler, PageHandler
 from .settings import Settings
 
 access_log = logging.getLogger("tornado_sse.access")
+
+MAX_HEADER_BYTES = 1024 * 1024  # a 100 KB URL still gets a clean 413 instead of a dropped socket
+MAX_BODY_BYTES = 64 * 1024  # nothing here takes a body
 
 
 def asset_dir(name: str) -> Path:
@@ -54,3 +58,8 @@ def make_app(settings: Settings, backend: Backend) -> tornado.web.Application:
         streams=streams,
         xsrf_cookies=False,  # no form posts: /ask is a GET the page opens with EventSource
     )
+
+
+def make_server(app: tornado.web.Application) -> tornado.httpserver.HTTPServer:
+    return tornado.httpserver.HTTPServer(app, max_header_size=MAX_HEADER_BYTES,
+                                         max_body_size=MAX_BODY_BYTES)

@@ -126,16 +126,20 @@ class EventStreamDecoder:
     def __init__(self) -> None:
         self._tail = b""
         self._data: list[bytes] = []
+        self._skip_lf = False  # the last read ended in CR: a LF starting the next one is its pair
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
+        if self._skip_lf and chunk:
+            self._skip_lf = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]
+        if not chunk:
+            return
+        self._skip_lf = chunk.endswith(b"\r")
         buf = self._tail + chunk if self._tail else chunk
-        held = b""
         if b"\r" in buf:
-            if buf.endswith(b"\r"):  # maybe the first half of a CRLF split between two reads
-                buf, held = buf[:-1], b"\r"
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        *lines, tail = buf.split(b"\n")
-        self._tail = tail + held
+        *lines, self._tail = buf.split(b"\n")
         for line in lines:
             if not line:
                 if self._data:

@@ -12,10 +12,9 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 
-import tornado.httpserver
 import tornado.netutil
 
-from .app import make_app
+from .app import make_app, make_server
 from .backend import Backend, OpenAIBackend
 from .demo import FakeUpstream, Script
 from .handlers import end_all_streams
@@ -23,8 +22,6 @@ from .settings import BACKENDS, LOG_LEVELS, Settings, SettingsError
 
 log = logging.getLogger("tornado_sse")
 
-MAX_HEADER_BYTES = 1024 * 1024  # a 100 KB URL still gets a clean 4xx instead of a dropped socket
-MAX_BODY_BYTES = 64 * 1024  # nothing here takes a body
 SHUTDOWN_GRACE = 5.0  # seconds for streams to write their last frames on shutdown
 
 
@@ -76,8 +73,7 @@ async def serve(settings: Settings) -> None:
     backend = make_backend(settings)
     app = make_app(settings, backend)
     sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
-    server = tornado.httpserver.HTTPServer(app, max_header_size=MAX_HEADER_BYTES,
-                                          max_body_size=MAX_BODY_BYTES)
+    server = make_server(app)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
     if backend.name == "demo":

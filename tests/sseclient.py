@@ -1,0 +1,86 @@
+"""Test-side helpers: read a stream over real HTTP, and parse it the way a browser does."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+
+from tornado_sse.sse import END_MARKER
+
+_LINE = re.compile(r"\r\n|\r|\n")
+
+
+def parse_events(body: bytes) -> list[tuple[str, str]]:
+    """(type, data) of each event an EventSource would dispatch (WHATWG HTML, 9.2.6)."""
+    events: list[tuple[str, str]] = []
+    event, data = "", []
+    for line in _LINE.split(body.decode("utf-8")):
+        if line == "":
+            if data:
+                events.append((event or "message", "\n".join(data)))
+            event, data = "", []
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+    return events
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def events(self) -> list[tuple[str, str]]:
+        return parse_events(self.body)
+
+    @property
+    def text(self) -> str:
+        """The answer as the reference page shows it: updates up to the end marker, joined."""
+        out = []
+        for event, data in self.events:
+            if event == "update":
+                if data == END_MARKER:
+                    break
+                out.append(data)
+        return "".join(out)
+
+    @property
+    def errors(self) -> list[str]:
+        return [data for event, data in self.events if event == "error"]
+
+
+async def ask(base_url: str, query: str, timeout: float = 10.0) -> Answer:
+    response: HTTPResponse = await AsyncHTTPClient().fetch(
+        base_url + "/ask?" + query, raise_error=False, request_timeout=timeout
+    )
+    return Answer(response.code, dict(response.headers.get_all()), response.body or b"")
+
+
+async def open_raw(port: int, target: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A bare HTTP/1.1 request on its own socket, for tests that hang up mid-stream."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    await writer.drain()
+    return reader, writer
+
+
+async def read_until(reader: asyncio.StreamReader, needle: bytes, count: int = 1) -> bytes:
+    """Read until `needle` has been seen `count` times."""
+    seen = b""
+    while seen.count(needle) < count:
+        chunk = await reader.read(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed after {seen!r}")
+        seen += chunk
+    return seen

@@ -1,0 +1,296 @@
+"""/ask through the real server on a real port, against the fake upstream on its own port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import pytest
+
+from tornado_sse.demo import FakeUpstream, Script
+from tornado_sse.settings import Settings
+
+from .conftest import API_KEY
+from .sseclient import ask, open_raw, parse_events, read_until
+
+END = ("update", "<END_STREAMING_SSE>")
+pytestmark = pytest.mark.gen_test
+
+
+async def test_a_stream_has_the_sse_headers_and_one_frame_per_delta(base_url, fake: FakeUpstream):
+    fake.script = Script(deltas=["Hello", ", ", "world"])
+    answer = await ask(base_url, "question=hi")
+    assert answer.status == 200
+    assert answer.headers["Content-Type"] == "text/event-stream"
+    assert answer.headers["Cache-Control"] == "no-cache"
+    assert answer.headers["X-Accel-Buffering"] == "no"
+    assert answer.body == (
+        b"event: update\ndata: Hello\n\n"
+        b"event: update\ndata: , \n\n"
+        b"event: update\ndata: world\n\n"
+        b"event: update\ndata: <END_STREAMING_SSE>\n\n"
+    )
+
+
+async def test_the_upstream_gets_the_question_model_and_sampling_settings(base_url, fake, settings: Settings):
+    fake.script = Script(deltas=["ok"])
+    await ask(base_url, "question=What%20is%20SSE%3F")
+    [request] = fake.requests
+    assert request["messages"] == [{"role": "user", "content": "What is SSE?"}]
+    assert request["model"] == settings.model
+    assert request["temperature"] == settings.temperature
+    assert request["max_tokens"] == settings.max_tokens
+    assert request["stream"] is True
+
+
+TRICKY = ["a\nb", "\n\n", "x\n", "line one\nline two\n\n- item\n", "data: x", ":x", "event: y",
+          "id: 3\nretry: 1", " spaced ", "h\u00e9 \u4f60\u597d \U0001f600 \u2028 \x85", "<b>&amp;</b>"]
+
+
+async def test_tricky_deltas_reach_the_client_unchanged(base_url, fake):
+    fake.script = Script(deltas=list(TRICKY))
+    answer = await ask(base_url, "question=q")
+    assert [data for event, data in answer.events] == [*TRICKY, "<END_STREAMING_SSE>"]
+    assert answer.text == "".join(TRICKY)
+
+
+async def test_unicode_passes_byte_exact(base_url, fake):
+    fake.script = Script(deltas=["\u00e9\u00e8", "\U0001f680", "\u4e2d\u6587"])
+    answer = await ask(base_url, "question=q")
+    assert "event: update\ndata: \u00e9\u00e8\n\nevent: update\ndata: \U0001f680\n\n".encode() in answer.body
+
+
+async def test_crlf_in_a_delta_arrives_as_a_line_break(base_url, fake):
+    fake.script = Script(deltas=["a\r\nb", "\r\n"])
+    answer = await ask(base_url, "question=q")
+    assert answer.text == "a\nb\n"
+
+
+async def test_the_model_writing_the_end_marker_does_not_end_the_stream(base_url, fake):
+    fake.script = Script(deltas=["before ", "<END_STREAMING_SSE>", " after"])
+    answer = await ask(base_url, "question=q")
+    assert answer.text == "before <END_STREAMING_SSE> after"
+    assert answer.events[-1] == END
+
+
+async def test_chunk_shapes_of_real_servers_do_not_break_the_stream(base_url, fake):
+    fake.script = Script(deltas=[
+        {"choices": [], "prompt_filter_results": [{"prompt_index": 0}]},  # Azure
+        {"choices": [{"index": 0, "delta": {"content": None}}]},
+        {"choices": [{"index": 0, "delta": {}}]},
+        {"choices": [{"index": 0, "delta": {"reasoning_content": "thinking..."}}]},  # vLLM, DeepSeek
+        {"choices": [{"index": 0, "delta": {"content": "Answer"}}]},
+        {"choices": [{"index": 0, "delta": {"content": ""}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]},
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}},
+    ])
+    answer = await ask(base_url, "question=q")
+    assert answer.events == [("reasoning", "thinking..."), ("update", "Answer"), END]
+    assert b"None" not in answer.body and b"null" not in answer.body
+
+
+FAILURES = [
+    (Script(fail="status", status=401), "upstream_unauthorized", "API key"),
+    (Script(fail="status", status=403), "upstream_forbidden", "refused access"),
+    (Script(fail="status", status=404), "model_not_found", "--model"),
+    (Script(fail="status", status=429), "upstream_rate_limited", "try again"),
+    (Script(fail="status", status=429, error_code="insufficient_quota"), "upstream_quota_exceeded", "credits"),
+    (Script(fail="status", status=500), "upstream_unavailable", "try again"),
+    (Script(fail="status", status=503), "upstream_unavailable", "try again"),
+    (Script(fail="status", status=400), "upstream_bad_request", "rejected"),
+    (Script(fail="hang"), "upstream_timeout", "too long"),
+    (Script(deltas=["a", "b"], fail="malformed", fail_after=1), "upstream_malformed", "could not read"),
+    (Script(deltas=["a", "b"], fail="error_event", fail_after=1), "upstream_error", "reported an error"),
+    (Script(deltas=["a", "b"], fail="truncate", fail_after=1), "upstream_incomplete", "broke off"),
+    (Script(deltas=["a", "b"], fail="reset", fail_after=1), "upstream_incomplete", "broke off"),
+    (Script(deltas=["a", "b"], fail="stall", fail_after=1), "upstream_timeout", "too long"),
+]
+
+
+@pytest.mark.parametrize("script, code, words", FAILURES, ids=[f"{s.fail}-{s.status}-{c}" for s, c, _ in FAILURES])
+async def test_every_failure_ends_with_an_error_event_and_the_end_frame(base_url, fake, script, code, words, caplog):
+    fake.script = script
+    answer = await ask(base_url, "question=q")
+    assert answer.status == 200
+    assert answer.events[-1] == END
+    assert answer.events[-2][0] == "error"
+    error = json.loads(answer.events[-2][1])
+    assert error["code"] == code
+    assert words in error["message"]
+    assert "Traceback" not in answer.body.decode() and "/" not in error["message"].replace("--", "")
+    # what came before the failure is kept, in order
+    assert answer.text == ("a" if script.fail_after == 1 else "")
+    assert API_KEY not in answer.body.decode() and API_KEY not in caplog.text
+
+
+async def test_an_unreachable_upstream_is_an_error_event(base_url, fake, upstream, settings, io_loop):
+    server_port = upstream[1]
+    # Nothing listens on the next free port we pick: bind, learn it, close.
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead_port = s.getsockname()[1]
+    s.close()
+    from tornado_sse.app import make_app
+    from tornado_sse.backend import OpenAIBackend
+    import tornado.httpserver
+    import tornado.netutil
+    import dataclasses
+    dead = dataclasses.replace(settings, base_url=f"http://127.0.0.1:{dead_port}/v1")
+    backend = OpenAIBackend(dead)
+    [sock] = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server = tornado.httpserver.HTTPServer(make_app(dead, backend))
+    server.add_sockets([sock])
+    try:
+        answer = await ask(f"http://127.0.0.1:{sock.getsockname()[1]}", "question=q")
+    finally:
+        server.stop()
+        await backend.close()
+    assert answer.events[-1] == END
+    assert json.loads(answer.errors[0])["code"] == "upstream_unreachable"
+    assert server_port != dead_port
+
+
+async def test_the_api_key_reaches_the_upstream_but_no_response_or_log(base_url, fake, caplog, http_client):
+    caplog.set_level(logging.DEBUG)
+    fake.script = Script(deltas=["x"])
+    answer = await ask(base_url, "question=secret%20question%20text")
+    assert answer.text == "x"
+    for path in ("/", "/healthz", "/nope"):
+        page = await http_client.fetch(base_url + path, raise_error=False)
+        assert API_KEY.encode() not in page.body
+    assert API_KEY not in caplog.text
+    assert "secret question text" not in caplog.text and "secret%20question" not in caplog.text
+
+
+BAD_INPUT = [
+    ("", 400, "missing_question"),
+    ("question=", 400, "missing_question"),
+    ("question=%20%20%0A", 400, "missing_question"),
+    ("other=1", 400, "missing_question"),
+    ("question=%FF%FE", 400, "invalid_encoding"),
+    ("question=%C3%28", 400, "invalid_encoding"),
+    ("question=a%00b", 400, "invalid_characters"),
+    ("question=" + "x" * 4001, 413, "question_too_long"),
+    ("question=" + "%C3%A9" * 4001, 413, "question_too_long"),
+]
+
+
+@pytest.mark.parametrize("query, status, code", BAD_INPUT, ids=[f"{c}-{len(q)}" for q, _, c in BAD_INPUT])
+async def test_bad_input_gets_a_clear_4xx_and_no_stream(base_url, fake, query, status, code):
+    answer = await ask(base_url, query)
+    assert answer.status == status
+    assert answer.headers["Content-Type"].startswith("application/json")
+    error = json.loads(answer.body)["error"]
+    assert error["code"] == code and len(error["message"]) > 10
+    assert fake.requests == []
+
+
+async def test_a_question_at_the_limit_is_accepted(base_url, fake):
+    fake.script = Script(deltas=["ok"])
+    answer = await ask(base_url, "question=" + "\u00e9" * 4000)
+    assert answer.status == 200 and answer.text == "ok"
+
+
+async def test_a_100_kb_url_gets_a_clean_413_not_a_dropped_connection(base_url, fake, port):
+    reader, writer = await open_raw(port, "/ask?question=" + "x" * 100_000)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 413 ")
+    assert fake.requests == []
+
+
+async def test_html_in_the_question_passes_through_safely(base_url, fake):
+    fake.script = Script(deltas=["fine"])
+    answer = await ask(base_url, "question=%3Cscript%3Ealert(1)%3C%2Fscript%3E")
+    assert answer.status == 200 and answer.text == "fine"
+    assert fake.requests[0]["messages"][0]["content"] == "<script>alert(1)</script>"
+
+
+async def test_the_server_stays_healthy_after_bad_input_and_failures(base_url, fake, http_client):
+    for query, _, _ in BAD_INPUT:
+        await ask(base_url, query)
+    fake.script = Script(deltas=["a"], fail="reset", fail_after=0)
+    await ask(base_url, "question=q")
+    fake.script = Script(deltas=["still", " fine"])
+    assert (await ask(base_url, "question=q")).text == "still fine"
+    health = await http_client.fetch(base_url + "/healthz")
+    assert json.loads(health.body) == {"status": "ok", "backend": "openai", "model": "test-model"}
+
+
+async def test_unknown_paths_and_methods_get_clean_404_and_405(base_url, http_client):
+    missing = await http_client.fetch(base_url + "/nothing-here", raise_error=False)
+    assert missing.code == 404 and json.loads(missing.body)["error"]["code"] == "not_found"
+    post = await http_client.fetch(base_url + "/ask?question=q", method="POST", body=b"", raise_error=False)
+    assert post.code == 405 and json.loads(post.body)["error"]["code"] == "method_not_allowed"
+
+
+async def test_closing_the_browser_aborts_the_upstream_at_once(port, fake):
+    fake.script = Script(tokens=1000, token_delay=0.01)
+    reader, writer = await open_raw(port, "/ask?question=q")
+    await read_until(reader, b"event: update", 5)
+    closed_at = time.monotonic()
+    writer.close()
+    while not fake.disconnects and time.monotonic() - closed_at < 2:
+        await asyncio.sleep(0.002)
+    [gone] = fake.disconnects
+    assert gone.at - closed_at < 0.1
+    written = gone.chunks_written
+    await asyncio.sleep(0.1)
+    assert fake.disconnects[0].chunks_written == written and fake.completed == 0
+
+
+async def test_the_abort_reaches_a_silent_upstream_too(port, fake):
+    # The upstream is between tokens for 10 s: nothing to read, and still the close goes through.
+    fake.script = Script(deltas=["first", "second"], token_delay=10)
+    reader, writer = await open_raw(port, "/ask?question=q")
+    await read_until(reader, b"data: first")
+    closed_at = time.monotonic()
+    writer.close()
+    while not fake.disconnects and time.monotonic() - closed_at < 2:
+        await asyncio.sleep(0.002)
+    assert fake.disconnects and fake.disconnects[0].at - closed_at < 0.1
+
+
+async def test_the_abort_reaches_an_upstream_that_has_not_answered_yet(port, fake):
+    fake.script = Script(fail="hang")
+    reader, writer = await open_raw(port, "/ask?question=q")
+    await read_until(reader, b"\r\n\r\n")  # our headers are out; the upstream is still silent
+    await asyncio.sleep(0.05)
+    closed_at = time.monotonic()
+    writer.close()
+    while not fake.disconnects and time.monotonic() - closed_at < 2:
+        await asyncio.sleep(0.002)
+    assert fake.disconnects and fake.disconnects[0].at - closed_at < 0.1
+
+
+async def test_fifty_concurrent_streams_are_all_correct(base_url, fake):
+    fake.script = Script(tokens=40, token_delay=0.005)
+    answers = await asyncio.gather(*(ask(base_url, f"question=q{i}") for i in range(50)))
+    expected = "".join(f"tok{i} " for i in range(40))
+    assert [a.text for a in answers] == [expected] * 50
+    assert all(a.events[-1] == END and not a.errors for a in answers)
+    assert len(fake.requests) == 50 and fake.completed == 50
+
+
+async def test_every_token_is_flushed_as_it_arrives(port, fake):
+    fake.script = Script(deltas=["one", "two"], token_delay=1.0)
+    reader, writer = await open_raw(port, "/ask?question=q")
+    started = time.monotonic()
+    body = await read_until(reader, b"data: one")
+    writer.close()
+    assert time.monotonic() - started < 0.5 and b"data: two" not in body
+
+
+async def test_healthz_and_the_page(base_url, http_client):
+    health = await http_client.fetch(base_url + "/healthz")
+    assert json.loads(health.body) == {"status": "ok", "backend": "openai", "model": "test-model"}
+    page = await http_client.fetch(base_url + "/")
+    html = page.body.decode()
+    for needle in ('id="form-question"', 'id="question"', 'id="result"', 'id="stop"', "/static/app.js"):
+        assert needle in html
+    assert "Demo mode" not in html
+    script = await http_client.fetch(base_url + "/static/app.js")
+    assert b"new EventSource" in script.body

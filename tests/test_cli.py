@@ -1,0 +1,151 @@
+"""The command line: flags, validation, the demo backend end to end, and shutdown, as processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from tornado_sse.cli import parse_settings
+
+from .sseclient import parse_events
+
+FLAGS = ["--host", "--port", "--model", "--temperature", "--max-tokens", "--backend",
+         "--max-question-chars", "--log-level", "--connect-timeout", "--read-timeout", "--max-retries"]
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "-m", "tornado_sse"], ["tornado-sse"]])
+def test_help_lists_every_flag_with_its_default(command: list[str]) -> None:
+    out = subprocess.run([*command, "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in FLAGS:
+        assert flag in out
+    assert "default: 127.0.0.1" in out and "default: 8888" in out and "default: 0.8" in out
+    assert "OPENAI_API_KEY" in out and "OPENAI_BASE_URL" in out
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [(["--temperature", "5"], "invalid --temperature: 5.0 (accepted: 0 to 2)"),
+     (["--backend", "magic"], "invalid choice: 'magic'"),
+     (["--port", "99999"], "invalid --port"),
+     (["--max-question-chars", "0"], "invalid --max-question-chars"),
+     (["--port", "eighty"], "invalid int value: 'eighty'")],
+)
+def test_an_invalid_flag_stops_with_one_clear_line(args: list[str], words: str) -> None:
+    run = subprocess.run([sys.executable, "-m", "tornado_sse", *args], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert words in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    "environ, backend",
+    [({}, "demo"), ({"OPENAI_API_KEY": "sk-x"}, "openai"),
+     ({"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1"}, "openai"), ({"OPENAI_API_KEY": ""}, "demo")],
+)
+def test_auto_uses_a_real_upstream_only_when_one_is_configured(environ: dict[str, str], backend: str) -> None:
+    assert parse_settings([], environ).resolved_backend == backend
+    assert parse_settings(["--backend", "demo"], {"OPENAI_API_KEY": "sk-x"}).resolved_backend == "demo"
+
+
+def test_the_api_key_is_not_in_the_settings_repr() -> None:
+    assert "sk-very-secret" not in repr(parse_settings([], {"OPENAI_API_KEY": "sk-very-secret"}))
+
+
+@contextmanager
+def running(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
+    """Start the server on a free port; yields the process, its port and its log lines so far."""
+    proc = subprocess.Popen([sys.executable, "-m", "tornado_sse", "--port", "0", *args],
+                            env=env or CLEAN_ENV, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        while True:
+            line = proc.stderr.readline()
+            assert line, "server exited: " + "".join(lines)
+            lines.append(line)
+            if match := re.search(r"listening on http://[\d.]+:(\d+)/", line):
+                break
+        yield proc, int(match.group(1)), lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
+def fetch(port: int, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=20) as response:
+        return response.read()
+
+
+def test_with_no_key_the_demo_backend_streams_an_answer_that_mentions_the_question() -> None:
+    with running() as (_, port, lines):
+        assert any("backend: demo" in line for line in lines)
+        events = parse_events(fetch(port, "/ask?question=What%20is%20tornado%3F"))
+        text = "".join(data for event, data in events[:-1])
+        assert events[-1] == ("update", "<END_STREAMING_SSE>") and len(events) > 20
+        assert "What is tornado?" in text and "demo backend" in text and "OPENAI_API_KEY" in text
+        assert "\n" in text  # multi-line, markdown-ish
+        assert b"Demo mode" in fetch(port, "/")
+        assert json.loads(fetch(port, "/healthz")) == {"status": "ok", "backend": "demo", "model": "demo"}
+
+
+def test_openai_base_url_points_the_server_at_another_upstream() -> None:
+    upstream = subprocess.Popen([sys.executable, "-m", "tornado_sse.demo", "--port", "0", "--tokens", "5",
+                                 "--first-token-delay", "0", "--token-delay", "0"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert upstream.stdout is not None
+        base_url = re.search(r"(http://\S+/v1)", upstream.stdout.readline()).group(1)  # type: ignore[union-attr]
+        env = {**CLEAN_ENV, "OPENAI_BASE_URL": base_url}
+        with running("--model", "llama3.2", env=env) as (_, port, lines):
+            assert any(f"backend: openai, model llama3.2 at {base_url}" in line for line in lines)
+            events = parse_events(fetch(port, "/ask?question=hi"))
+            assert "".join(d for e, d in events[:-1]) == "tok0 tok1 tok2 tok3 tok4 "
+    finally:
+        upstream.kill()
+        upstream.wait()
+        upstream.stdout.close()  # type: ignore[union-attr]
+
+
+def test_sigterm_ends_open_streams_with_an_error_and_the_end_frame_then_exits_0() -> None:
+    with running() as (proc, port, _):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"GET /ask?question=q HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while b"data:" not in received:
+            received += sock.recv(65536)
+        proc.send_signal(signal.SIGTERM)
+        sock.settimeout(10)
+        while not received.endswith(b"0\r\n\r\n"):  # the chunked body's end
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        sock.close()
+        assert proc.wait(timeout=10) == 0
+    events = parse_events(dechunk(received))
+    assert events[0][0] == "update" and events[-1] == ("update", "<END_STREAMING_SSE>")
+    assert events[-2][0] == "error" and json.loads(events[-2][1])["code"] == "server_shutdown"
+
+
+def dechunk(raw: bytes) -> bytes:
+    """The body of a chunked HTTP/1.1 response."""
+    body, out = raw.split(b"\r\n\r\n", 1)[1], b""
+    while body:
+        size, body = body.split(b"\r\n", 1)
+        if int(size, 16) == 0:
+            break
+        out, body = out + body[: int(size, 16)], body[int(size, 16) + 2:]
+    return out
