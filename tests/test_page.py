@@ -94,7 +94,7 @@ async def test_model_output_that_looks_like_html_runs_nothing(base_url: str, req
         assert await page.text_content("#result") == evil
         await asyncio.sleep(0.2)
         assert dialogs == []
-            assert [u for u in requests if u.endswith("/x") or not u.startswith(base_url)] == []
+        assert [u for u in requests if u.endswith("/x") or not u.startswith(base_url)] == []
 
 
 @pytest.mark.parametrize("script, words", [
