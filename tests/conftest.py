@@ -85,10 +85,3 @@ def base_url(port: int) -> str:
 def with_settings(settings: Settings, **changes: object) -> Settings:
     return dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
 
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    """Keep each phase's report on the test item, so fixtures can tell a failed test (screenshots)."""
-    report = yield
-    setattr(item, "rep_" + report.when, report)
-    return report

@@ -16,12 +16,12 @@ _LINE = re.compile(r"\r\n|\r|\n")
 def parse_events(body: bytes) -> list[tuple[str, str]]:
     """(type, data) of each event an EventSource would dispatch (WHATWG HTML, 9.2.6)."""
     events: list[tuple[str, str]] = []
-    event, data = "", []
+    event, data = "", list[str]()
     for line in _LINE.split(body.decode("utf-8")):
         if line == "":
             if data:
                 events.append((event or "message", "\n".join(data)))
-            event, data = "", []
+            event, data = "", list[str]()
         elif line.startswith(":"):
             continue
         else:

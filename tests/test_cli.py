@@ -63,10 +63,11 @@ def test_the_api_key_is_not_in_the_settings_repr() -> None:
 
 
 @contextmanager
-def running(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
+def running(*args: str, env: dict[str, str] | None = None, python: str = sys.executable,
+            cwd: str | None = None) -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
     """Start the server on a free port; yields the process, its port and its log lines so far."""
-    proc = subprocess.Popen([sys.executable, "-m", "tornado_sse", "--port", "0", *args],
-                            env=env or CLEAN_ENV, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([python, "-m", "tornado_sse", "--port", "0", *args],
+                            env=env or CLEAN_ENV, stderr=subprocess.PIPE, text=True, cwd=cwd)
     assert proc.stderr is not None
     lines: list[str] = []
     try:
@@ -87,6 +88,18 @@ def running(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[sub
 def fetch(port: int, path: str) -> bytes:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=20) as response:
         return response.read()
+
+
+def test_a_port_in_use_is_one_clear_line_not_a_traceback() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "tornado_sse", "--port", str(port)],
+                             capture_output=True, text=True, env=CLEAN_ENV, timeout=20)
+    assert run.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_with_no_key_the_demo_backend_streams_an_answer_that_mentions_the_question() -> None:

@@ -62,7 +62,7 @@ def test_error_frame_carries_json_code_and_message() -> None:
 
 
 def _decode_all(body: bytes, cut: list[int]) -> list[bytes]:
-    decoder, out, start = EventStreamDecoder(), [], 0
+    decoder, out, start = EventStreamDecoder(), list[bytes](), 0
     for end in [*cut, len(body)]:
         out.extend(decoder.feed(body[start:end]))
         start = end

@@ -69,10 +69,17 @@ def make_backend(settings: Settings) -> Backend:
     return OpenAIBackend(demo, name="demo", base_url=f"http://127.0.0.1:{port}/v1")
 
 
+class StartupError(Exception):
+    """Start-up cannot go on; the message is the one line the operator reads."""
+
+
 async def serve(settings: Settings) -> None:
+    try:
+        sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
     backend = make_backend(settings)
     app = make_app(settings, backend)
-    sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
     server = make_server(app)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
@@ -112,4 +119,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=settings.log_level_number, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per upstream request
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as exc:
+        log.error("%s", exc)
+        sys.exit(1)

@@ -182,7 +182,7 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
                                "type": "server_error", "code": None}}
             await self.send(b"data: " + json.dumps(error).encode() + b"\n\n")
         elif script.fail == "reset":
-            self.request.connection.stream.close()  # type: ignore[attr-defined]
+            self.request.connection.stream.close()  # type: ignore[union-attr]
             return
         elif script.fail in ("stall", "hang"):
             await self.gone.wait()

@@ -1,0 +1,38 @@
+"""Installed, not just checked out: a built wheel in a fresh venv serves the page from elsewhere."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from .test_cli import running
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_types_check() -> None:
+    run = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_a_wheel_installed_in_a_fresh_venv_serves_the_page_and_its_files(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(ROOT)],
+                   check=True, capture_output=True)
+    [wheel] = (tmp_path / "dist").glob("tornado_sse-*.whl")
+    venv = tmp_path / "venv"
+    # The venv sees tornado and openai from this interpreter; the package itself comes from the wheel.
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    located = subprocess.run([python, "-c", "import tornado_sse; print(tornado_sse.__file__)"],
+                             cwd=elsewhere, capture_output=True, text=True, check=True).stdout
+    assert str(venv) in located  # the installed copy, not the checkout
+    with running(python=python, cwd=str(elsewhere)) as (_, port, _lines):
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read().decode()
+        assert 'id="form-question"' in page
+        for name in ("app.js", "style.css", "favicon.svg"):
+            assert urllib.request.urlopen(f"http://127.0.0.1:{port}/static/{name}", timeout=10).status == 200
