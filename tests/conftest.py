@@ -51,21 +51,27 @@ def settings(upstream: tuple[FakeUpstream, int]) -> Settings:
         base_url=f"http://127.0.0.1:{upstream[1]}/v1",
         model="test-model",
         max_retries=0,
-        read_timeout=2.0,
+        first_token_timeout=2.0,
+        idle_timeout=2.0,
+        rate_limit=0,
     )
 
 
 @pytest.fixture
 def app(settings: Settings, io_loop: tornado.ioloop.IOLoop) -> Iterator[tornado.web.Application]:
     backend = OpenAIBackend(settings)
-    yield make_app(settings, backend)
+    app = make_app(settings, backend)
+    yield app
+    registry = app.settings["registry"]
+    for stream in list(registry.streams.values()):
+        stream.abort()
     io_loop.run_sync(backend.close)
 
 
 @pytest.fixture
-def http_server(app: tornado.web.Application, _unused_port) -> Iterator[tornado.httpserver.HTTPServer]:
+def http_server(app: tornado.web.Application, settings: Settings, _unused_port) -> Iterator[tornado.httpserver.HTTPServer]:
     """The server as the CLI builds it (its header and body limits included)."""
-    server = make_server(app)
+    server = make_server(app, settings)
     server.add_socket(_unused_port[0])
     yield server
     server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from dataclasses import dataclass
 
@@ -43,6 +44,17 @@ class Answer:
     @property
     def events(self) -> list[tuple[str, str]]:
         return parse_events(self.body)
+
+    @property
+    def meta(self) -> dict[str, object]:
+        """The first frame's JSON: conversation and stream ids."""
+        event, data = self.events[0]
+        assert event == "meta", self.events[:1]
+        return json.loads(data)  # type: ignore[no-any-return]
+
+    @property
+    def after_meta(self) -> list[tuple[str, str]]:
+        return self.events[1:]
 
     @property
     def text(self) -> str:

@@ -26,12 +26,16 @@ async def test_a_stream_has_the_sse_headers_and_one_frame_per_delta(base_url, fa
     assert answer.headers["Content-Type"] == "text/event-stream"
     assert answer.headers["Cache-Control"] == "no-cache"
     assert answer.headers["X-Accel-Buffering"] == "no"
+    meta = answer.meta
+    s = meta["stream"]
     assert answer.body == (
-        b"event: update\ndata: Hello\n\n"
-        b"event: update\ndata: , \n\n"
-        b"event: update\ndata: world\n\n"
-        b"event: update\ndata: <END_STREAMING_SSE>\n\n"
-    )
+        f"id: {s}.1\nevent: meta\ndata: " + json.dumps(meta) + "\n\n"
+        f"id: {s}.2\nevent: update\ndata: Hello\n\n"
+        f"id: {s}.3\nevent: update\ndata: , \n\n"
+        f"id: {s}.4\nevent: update\ndata: world\n\n"
+        f"id: {s}.5\nevent: update\ndata: <END_STREAMING_SSE>\n\n"
+    ).encode()
+    assert meta["restarted"] is False and len(str(meta["conversation"])) >= 20
 
 
 async def test_the_upstream_gets_the_question_model_and_sampling_settings(base_url, fake, settings: Settings):
@@ -52,14 +56,16 @@ TRICKY = ["a\nb", "\n\n", "x\n", "line one\nline two\n\n- item\n", "data: x", ":
 async def test_tricky_deltas_reach_the_client_unchanged(base_url, fake):
     fake.script = Script(deltas=list(TRICKY))
     answer = await ask(base_url, "question=q")
-    assert [data for event, data in answer.events] == [*TRICKY, "<END_STREAMING_SSE>"]
+    assert [data for event, data in answer.after_meta] == [*TRICKY, "<END_STREAMING_SSE>"]
     assert answer.text == "".join(TRICKY)
 
 
 async def test_unicode_passes_byte_exact(base_url, fake):
     fake.script = Script(deltas=["\u00e9\u00e8", "\U0001f680", "\u4e2d\u6587"])
     answer = await ask(base_url, "question=q")
-    assert "event: update\ndata: \u00e9\u00e8\n\nevent: update\ndata: \U0001f680\n\n".encode() in answer.body
+    assert "event: update\ndata: \u00e9\u00e8\n\n".encode() in answer.body
+    assert "event: update\ndata: \U0001f680\n\n".encode() in answer.body
+    assert answer.text == "\u00e9\u00e8\U0001f680\u4e2d\u6587"
 
 
 async def test_crlf_in_a_delta_arrives_as_a_line_break(base_url, fake):
@@ -87,7 +93,7 @@ async def test_chunk_shapes_of_real_servers_do_not_break_the_stream(base_url, fa
         {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}},
     ])
     answer = await ask(base_url, "question=q")
-    assert answer.events == [("reasoning", "thinking..."), ("update", "Answer"), END]
+    assert answer.after_meta == [("reasoning", "thinking..."), ("update", "Answer"), END]
     assert b"None" not in answer.body and b"null" not in answer.body
 
 
@@ -100,12 +106,12 @@ FAILURES = [
     (Script(fail="status", status=500), "upstream_unavailable", "try again"),
     (Script(fail="status", status=503), "upstream_unavailable", "try again"),
     (Script(fail="status", status=400), "upstream_bad_request", "rejected"),
-    (Script(fail="hang"), "upstream_timeout", "too long"),
+    (Script(fail="hang"), "upstream_timeout", "did not start answering within 2 seconds"),
     (Script(deltas=["a", "b"], fail="malformed", fail_after=1), "upstream_malformed", "could not read"),
     (Script(deltas=["a", "b"], fail="error_event", fail_after=1), "upstream_error", "reported an error"),
     (Script(deltas=["a", "b"], fail="truncate", fail_after=1), "upstream_incomplete", "broke off"),
     (Script(deltas=["a", "b"], fail="reset", fail_after=1), "upstream_incomplete", "broke off"),
-    (Script(deltas=["a", "b"], fail="stall", fail_after=1), "upstream_timeout", "too long"),
+    (Script(deltas=["a", "b"], fail="stall", fail_after=1), "upstream_timeout", "stopped writing for over 2 seconds"),
 ]
 
 
@@ -289,8 +295,9 @@ async def test_healthz_and_the_page(base_url, http_client):
     assert json.loads(health.body) == {"status": "ok", "backend": "openai", "model": "test-model"}
     page = await http_client.fetch(base_url + "/")
     html = page.body.decode()
-    for needle in ('id="form-question"', 'id="question"', 'id="result"', 'id="stop"', "/static/app.js"):
+    assert page.headers["Content-Security-Policy"].startswith("default-src 'none'; script-src 'self'")
+    for needle in ('id="form-question"', 'id="stop"', "/static/app.js"):
         assert needle in html
-    assert "Demo mode" not in html
+    assert "Demo mode" not in html and "<script>" not in html  # no inline script
     script = await http_client.fetch(base_url + "/static/app.js")
-    assert b"new EventSource" in script.body
+    assert script.code == 200 and script.headers["Content-Type"].startswith(("application/javascript", "text/javascript"))

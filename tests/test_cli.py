@@ -21,7 +21,11 @@ from tornado_sse.cli import parse_settings
 from .sseclient import parse_events
 
 FLAGS = ["--host", "--port", "--model", "--temperature", "--max-tokens", "--backend",
-         "--max-question-chars", "--log-level", "--connect-timeout", "--read-timeout", "--max-retries"]
+         "--max-question-chars", "--log-level", "--connect-timeout", "--first-token-timeout",
+         "--idle-timeout", "--max-retries", "--keepalive", "--send-timeout", "--max-streams",
+         "--rate-limit", "--rate-burst", "--trust-proxy-headers", "--allowed-origins", "--access-token",
+         "--certfile", "--keyfile", "--drain-timeout", "--resume-grace", "--resume-buffer",
+         "--max-turns", "--max-conversation-chars", "--conversation-ttl", "--max-conversations"]
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
 
 
@@ -37,7 +41,7 @@ def test_help_lists_every_flag_with_its_default(command: list[str]) -> None:
 @pytest.mark.parametrize(
     "args, words",
     [(["--temperature", "5"], "invalid --temperature: 5.0 (accepted: 0 to 2)"),
-     (["--backend", "magic"], "invalid choice: 'magic'"),
+     (["--backend", "magic"], "invalid --backend: 'magic' (accepted: one of auto|openai|demo)"),
      (["--port", "99999"], "invalid --port"),
      (["--max-question-chars", "0"], "invalid --max-question-chars"),
      (["--port", "eighty"], "invalid int value: 'eighty'")],
@@ -106,7 +110,7 @@ def test_with_no_key_the_demo_backend_streams_an_answer_that_mentions_the_questi
     with running() as (_, port, lines):
         assert any("backend: demo" in line for line in lines)
         events = parse_events(fetch(port, "/ask?question=What%20is%20tornado%3F"))
-        text = "".join(data for event, data in events[:-1])
+        text = "".join(data for event, data in events[1:-1])
         assert events[-1] == ("update", "<END_STREAMING_SSE>") and len(events) > 20
         assert "What is tornado?" in text and "demo backend" in text and "OPENAI_API_KEY" in text
         assert "\n" in text  # multi-line, markdown-ish
@@ -125,32 +129,49 @@ def test_openai_base_url_points_the_server_at_another_upstream() -> None:
         with running("--model", "llama3.2", env=env) as (_, port, lines):
             assert any(f"backend: openai, model llama3.2 at {base_url}" in line for line in lines)
             events = parse_events(fetch(port, "/ask?question=hi"))
-            assert "".join(d for e, d in events[:-1]) == "tok0 tok1 tok2 tok3 tok4 "
+            assert "".join(d for e, d in events[1:-1]) == "tok0 tok1 tok2 tok3 tok4 "
     finally:
         upstream.kill()
         upstream.wait()
         upstream.stdout.close()  # type: ignore[union-attr]
 
 
-def test_sigterm_ends_open_streams_with_an_error_and_the_end_frame_then_exits_0() -> None:
-    with running() as (proc, port, _):
+def read_stream_across_sigterm(*args: str) -> tuple[int, list[tuple[str, str]], float]:
+    """Open a stream, SIGTERM the server after its first token; the exit code, what the client
+    got, and how long the process took to exit."""
+    with running(*args) as (proc, port, _):
         sock = socket.create_connection(("127.0.0.1", port))
         sock.sendall(b"GET /ask?question=q HTTP/1.1\r\nHost: x\r\n\r\n")
         received = b""
-        while b"data:" not in received:
+        while b"event: update" not in received:
             received += sock.recv(65536)
         proc.send_signal(signal.SIGTERM)
-        sock.settimeout(10)
-        while not received.endswith(b"0\r\n\r\n"):  # the chunked body's end
+        signalled = time.monotonic()
+        sock.settimeout(15)
+        while not received.endswith(b"\r\n0\r\n\r\n"):  # the chunked body's end
             chunk = sock.recv(65536)
             if not chunk:
                 break
             received += chunk
         sock.close()
-        assert proc.wait(timeout=10) == 0
-    events = parse_events(dechunk(received))
-    assert events[0][0] == "update" and events[-1] == ("update", "<END_STREAMING_SSE>")
+        code = proc.wait(timeout=15)
+        return code, parse_events(dechunk(received)), time.monotonic() - signalled
+
+
+def test_sigterm_ends_open_streams_with_an_error_and_the_end_frame_then_exits_0() -> None:
+    code, events, took = read_stream_across_sigterm("--drain-timeout", "0.3")
+    assert code == 0 and took < 3
+    assert events[-1] == ("update", "<END_STREAMING_SSE>")
     assert events[-2][0] == "error" and json.loads(events[-2][1])["code"] == "server_shutdown"
+    assert "restarting" in json.loads(events[-2][1])["message"]
+
+
+def test_sigterm_lets_open_streams_finish_within_the_drain_timeout() -> None:
+    code, events, _ = read_stream_across_sigterm("--drain-timeout", "20")
+    assert code == 0
+    assert events[-1] == ("update", "<END_STREAMING_SSE>")
+    assert not [e for e in events if e[0] == "error"]
+    assert "connect a real model" in "".join(d for e, d in events if e == "update")
 
 
 def dechunk(raw: bytes) -> bytes:

@@ -30,29 +30,49 @@ from .sseclient import parse_events
         ("a\u2028b\x85c\x0bd", "event: update\ndata: a\u2028b\x85c\x0bd\n\n".encode()),
     ],
 )
-def test_encode_update_is_byte_exact(data: str, frame: bytes) -> None:
-    assert sse.encode_update(data) == frame
+def test_encode_event_is_byte_exact(data: str, frame: bytes) -> None:
+    assert sse.encode_event("update", data) == frame
+
+
+def test_a_frame_carries_its_id_first() -> None:
+    assert sse.encode_event("update", "a\nb", "s1.7") == b"id: s1.7\nevent: update\ndata: a\ndata: b\n\n"
+    assert parse_events(sse.encode_event("meta", "{}", "s1.1")) == [("meta", "{}")]
 
 
 @pytest.mark.parametrize("data", ["a\nb", "\n\n", "x\n", "\n", "data: x", ":x", "event: y", "\u2028", " ", "a\n\nb\n"])
 def test_a_browser_reads_back_the_same_text(data: str) -> None:
-    assert parse_events(sse.encode_update(data)) == [("update", data)]
+    assert parse_events(sse.encode_event("update", data)) == [("update", data)]
 
 
 @pytest.mark.parametrize("data, seen", [("\r\n", "\n"), ("a\rb", "a\nb"), ("x\r\n\r\n", "x\n\n")])
 def test_carriage_returns_arrive_as_line_feeds(data: str, seen: str) -> None:
     # SSE has no way to carry a CR inside data: the spec turns every line end into LF.
-    assert parse_events(sse.encode_update(data)) == [("update", seen)]
+    assert parse_events(sse.encode_event("update", data)) == [("update", seen)]
 
 
 def test_end_frame_is_the_reference_protocols() -> None:
-    assert sse.END_FRAME == b"event: update\ndata: <END_STREAMING_SSE>\n\n"
+    assert sse.encode_end() == b"event: update\ndata: <END_STREAMING_SSE>\n\n"
+    assert sse.encode_end("s.9") == b"id: s.9\nevent: update\ndata: <END_STREAMING_SSE>\n\n"
 
 
 def test_a_delta_equal_to_the_end_marker_is_split_so_it_cannot_end_the_stream() -> None:
-    frames = sse.encode_update("<END_STREAMING_SSE>")
-    assert frames == b"event: update\ndata: <END_STRE\n\nevent: update\ndata: AMING_SSE>\n\n"
-    assert all(data != sse.END_MARKER for _, data in parse_events(frames))
+    assert sse.update_parts("<END_STREAMING_SSE>") == ("<END_STRE", "AMING_SSE>")
+    assert sse.update_parts("<END_STREAMING_SSE> ") == ("<END_STREAMING_SSE> ",)
+    assert sse.update_parts("x") == ("x",)
+
+
+def test_the_keepalive_is_a_comment_a_browser_ignores() -> None:
+    assert sse.PING == b": ping\n\n"
+    assert parse_events(sse.PING + sse.encode_event("update", "x") + sse.PING) == [("update", "x")]
+
+
+@pytest.mark.parametrize("value, parsed", [
+    ("abc.3", ("abc", 3)), ("a.b.12", ("a.b", 12)), (" abc.0 ", ("abc", 0)),
+    ("abc", None), (".3", None), ("abc.", None), ("abc.-1", None), ("abc.\u00b2", None),
+    ("abc.1e3", None), ("x" * 65 + ".1", None), ("abc.1234567890", None), ("", None),
+])
+def test_last_event_ids_from_browsers_are_parsed_strictly(value: str, parsed: tuple[str, int] | None) -> None:
+    assert sse.parse_event_id(value) == parsed
 
 
 def test_error_frame_carries_json_code_and_message() -> None:

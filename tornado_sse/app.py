@@ -1,9 +1,11 @@
-"""make_app(settings, backend): the routes, where the page's files are, and the access log."""
+"""make_app(settings, backend): the routes, the state the Application owns, where the page's files
+are, and the access log. make_server(app, settings): the HTTP server with its limits and TLS."""
 
 from __future__ import annotations
 
 import logging
 import site
+import ssl
 import sys
 from pathlib import Path
 
@@ -11,13 +13,17 @@ import tornado.httpserver
 import tornado.web
 
 from .backend import Backend
-from .handlers import AskHandler, HealthHandler, NotFoundHandler, PageHandler
+from .conversations import ConversationStore
+from .guard import RateLimiter
+from .handlers import (AskHandler, HealthHandler, NotFoundHandler, PageHandler, SignInHandler,
+                       StopHandler)
 from .settings import Settings
+from .streams import StreamRegistry
 
 access_log = logging.getLogger("tornado_sse.access")
 
 MAX_HEADER_BYTES = 1024 * 1024  # a 100 KB URL still gets a clean 413 instead of a dropped socket
-MAX_BODY_BYTES = 64 * 1024  # nothing here takes a body
+MAX_BODY_BYTES = 64 * 1024  # only the sign-in form has a body
 
 
 def asset_dir(name: str) -> Path:
@@ -43,23 +49,39 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 
 
 def make_app(settings: Settings, backend: Backend) -> tornado.web.Application:
-    """The Application owns the set of open streams (`app.settings["streams"]`), for shutdown."""
-    streams: set[AskHandler] = set()
+    """The Application owns the stream registry (`app.settings["registry"]`): open streams, their
+    conversations, and the count the limits and the shutdown use."""
+    conversations = ConversationStore(
+        max_turns=settings.max_turns, max_chars=settings.max_conversation_chars,
+        ttl=settings.conversation_ttl, max_conversations=settings.max_conversations)
+    registry = StreamRegistry(backend, conversations, max_streams=settings.max_streams,
+                              resume_grace=settings.resume_grace, resume_buffer=settings.resume_buffer)
+    limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
+    common = {"settings": settings}
     return tornado.web.Application(
         [
-            (r"/", PageHandler, {"backend": backend, "settings": settings}),
-            (r"/ask", AskHandler, {"backend": backend, "settings": settings, "streams": streams}),
-            (r"/healthz", HealthHandler, {"backend": backend}),
+            (r"/", PageHandler, {**common, "backend": backend}),
+            (r"/ask", AskHandler, {**common, "registry": registry, "limiter": limiter}),
+            (r"/stop", StopHandler, {**common, "registry": registry}),
+            (r"/login", SignInHandler, {**common, "limiter": limiter}),
+            (r"/healthz", HealthHandler, {**common, "registry": registry}),
         ],
         template_path=str(asset_dir("templates")),
         static_path=str(asset_dir("static")),
         default_handler_class=NotFoundHandler,
+        default_handler_args=common,
         log_function=log_request,
-        streams=streams,
-        xsrf_cookies=False,  # no form posts: /ask is a GET the page opens with EventSource
+        registry=registry,
+        xsrf_cookies=False,  # the state-changing requests check Origin/Sec-Fetch-Site instead
     )
 
 
-def make_server(app: tornado.web.Application) -> tornado.httpserver.HTTPServer:
-    return tornado.httpserver.HTTPServer(app, max_header_size=MAX_HEADER_BYTES,
-                                         max_body_size=MAX_BODY_BYTES)
+def make_server(app: tornado.web.Application, settings: Settings) -> tornado.httpserver.HTTPServer:
+    ssl_context = None
+    if settings.certfile and settings.keyfile:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(settings.certfile, settings.keyfile)
+    return tornado.httpserver.HTTPServer(
+        app, max_header_size=MAX_HEADER_BYTES, max_body_size=MAX_BODY_BYTES,
+        ssl_options=ssl_context, xheaders=settings.trust_proxy_headers,
+        idle_connection_timeout=300)

@@ -22,6 +22,7 @@ import openai
 
 from .errors import ErrorInStream, IncompleteStream, MalformedChunk
 from .settings import Settings
+from .watchdog import Watchdog
 
 Message = dict[str, str]
 
@@ -47,7 +48,8 @@ class OpenAIBackend:
         self.name = name
         self.model = settings.model
         self._settings = settings
-        timeout = httpx2.Timeout(settings.read_timeout, connect=settings.connect_timeout)
+        # Reads have no httpx limit: the Watchdog bounds the first token and every silence after.
+        timeout = httpx2.Timeout(None, connect=settings.connect_timeout, pool=settings.connect_timeout)
         self._client = openai.AsyncOpenAI(
             # A local server (Ollama, llama.cpp) needs no key, but the SDK insists on one.
             api_key=settings.api_key or "no-key",
@@ -63,13 +65,16 @@ class OpenAIBackend:
 
     async def stream(self, messages: list[Message]) -> AsyncGenerator[Delta, None]:
         s = self._settings
-        async with self._client.chat.completions.with_streaming_response.create(
-            model=s.model,
-            messages=messages,  # type: ignore[arg-type]
-            temperature=s.temperature,
-            max_tokens=s.max_tokens,
-            stream=True,
-        ) as response:
+        async with (
+            Watchdog(s.first_token_timeout, s.idle_timeout) as watchdog,
+            self._client.chat.completions.with_streaming_response.create(
+                model=s.model,
+                messages=messages,  # type: ignore[arg-type]
+                temperature=s.temperature,
+                max_tokens=s.max_tokens,
+                stream=True,
+            ) as response,
+        ):
             chunks = response.http_response.aiter_bytes()
             events = EventStreamDecoder()
             async for chunk in chunks:
@@ -79,8 +84,10 @@ class OpenAIBackend:
                         return
                     content, reasoning = parse_chat_chunk(data)
                     if reasoning:
+                        watchdog.touch()
                         yield Delta("reasoning", reasoning)
                     if content:
+                        watchdog.touch()
                         yield Delta("update", content)
             raise IncompleteStream("the upstream ended the stream without data: [DONE]")
 

@@ -1,4 +1,8 @@
-"""`tornado-sse` / `python -m tornado_sse`: flags and environment -> Settings, logging, serve."""
+"""`tornado-sse` / `python -m tornado_sse`: flags and environment -> Settings, logging, serve.
+
+Every flag can also come from `TORNADO_SSE_<FLAG>` (`--max-streams` -> TORNADO_SSE_MAX_STREAMS),
+so a systemd EnvironmentFile configures everything; a flag wins over the environment.
+"""
 
 from __future__ import annotations
 
@@ -9,52 +13,113 @@ import ipaddress
 import logging
 import os
 import signal
+import ssl
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import tornado.netutil
 
 from .app import make_app, make_server
 from .backend import Backend, OpenAIBackend
 from .demo import FakeUpstream, Script
-from .handlers import end_all_streams
 from .settings import BACKENDS, LOG_LEVELS, Settings, SettingsError
+from .streams import StreamRegistry
 
 log = logging.getLogger("tornado_sse")
 
-SHUTDOWN_GRACE = 5.0  # seconds for streams to write their last frames on shutdown
+ENV_PREFIX = "TORNADO_SSE_"
+SHUTDOWN_GRACE = 5.0  # seconds for streams to write their last frames once the drain is over
+
+
+def _bool(text: str) -> bool:
+    if text.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(text)
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    return tuple(o.strip() for o in text.split(",") if o.strip())
+
+
+# flag, type, help: the one vocabulary of flags, Settings fields and TORNADO_SSE_* variables.
+FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
+    ("--host", str, "address to listen on"),
+    ("--port", int, "port to listen on (0: any free port)"),
+    ("--backend", str, "auto: openai when OPENAI_API_KEY or OPENAI_BASE_URL is set, else demo; "
+     "one of " + "|".join(BACKENDS)),
+    ("--model", str, "model name sent to the upstream"),
+    ("--temperature", float, "sampling temperature"),
+    ("--max-tokens", int, "longest answer, in tokens"),
+    ("--max-question-chars", int, "longest question accepted (longer: 413)"),
+    ("--connect-timeout", float, "seconds to connect to the upstream"),
+    ("--first-token-timeout", float, "seconds to wait for the first token"),
+    ("--idle-timeout", float, "longest silence between tokens, in seconds"),
+    ("--max-retries", int, "retries of a failed upstream request, only before its answer starts"),
+    ("--keepalive", float, "seconds between ': ping' comments on a silent stream"),
+    ("--send-timeout", float, "seconds a frame may wait for a slow reader before it is dropped"),
+    ("--max-streams", int, "open streams at most; more get 503"),
+    ("--rate-limit", float, "questions per minute per client address (0: no limit)"),
+    ("--rate-burst", int, "questions a client may ask at once before the rate limit applies"),
+    ("--trust-proxy-headers", _bool, "take the client address and scheme from X-Forwarded-For / "
+     "X-Real-Ip / X-Forwarded-Proto (only behind a proxy you run)"),
+    ("--allowed-origins", _origins, "comma-separated origins, besides this server's own, whose "
+     "pages may call /ask"),
+    ("--access-token", str, "a secret /ask requires (better: TORNADO_SSE_ACCESS_TOKEN)"),
+    ("--certfile", str, "TLS certificate chain (PEM); with --keyfile, serve HTTPS"),
+    ("--keyfile", str, "TLS private key (PEM)"),
+    ("--drain-timeout", float, "on SIGTERM, seconds open streams may run before they are ended"),
+    ("--resume-grace", float, "seconds a generation keeps running after its reader disconnects, "
+     "for a Last-Event-ID resume (0: abort at once)"),
+    ("--resume-buffer", int, "frames kept per stream for a resume"),
+    ("--max-turns", int, "question/answer turns kept per conversation"),
+    ("--max-conversation-chars", int, "characters kept per conversation"),
+    ("--conversation-ttl", float, "seconds an idle conversation is kept"),
+    ("--max-conversations", int, "conversations kept in memory (least recently used go first)"),
+    ("--log-level", str, "one of " + "|".join(LOG_LEVELS)),
+]
+
+
+_ACCEPTS: dict[Callable[[str], Any], str] = {
+    int: "a whole number", float: "a number", _bool: "true or false",
+    _origins: "comma-separated origins"}
 
 
 def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
-    d = Settings()
+    defaults = Settings()
     p = argparse.ArgumentParser(
         prog="tornado-sse",
         description="Stream chat completions from OpenAI or any OpenAI-compatible server "
         "to the browser over Server-Sent Events.",
-        epilog="Environment: OPENAI_API_KEY (the key), OPENAI_BASE_URL (another OpenAI-compatible "
-        "server, e.g. http://127.0.0.1:11434/v1 for Ollama). With neither set, --backend auto "
-        "uses the embedded demo backend.",
+        epilog="Every flag can also be set as TORNADO_SSE_<FLAG> (e.g. TORNADO_SSE_MAX_STREAMS); "
+        "flags win. Also read: OPENAI_API_KEY (the key), OPENAI_BASE_URL (another OpenAI-compatible "
+        "server, e.g. http://127.0.0.1:11434/v1 for Ollama). With neither set, --backend auto uses "
+        "the embedded demo backend.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--host", default=d.host, help="address to listen on")
-    p.add_argument("--port", type=int, default=d.port, help="port to listen on (0: any free port)")
-    p.add_argument("--model", default=d.model, help="model name sent to the upstream")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="longest answer, in tokens")
-    p.add_argument("--backend", choices=BACKENDS, default=d.backend,
-                   help="auto: openai when OPENAI_API_KEY or OPENAI_BASE_URL is set, else demo")
-    p.add_argument("--max-question-chars", type=int, default=d.max_question_chars,
-                   help="longest question accepted (longer: 413)")
-    p.add_argument("--connect-timeout", type=float, default=d.connect_timeout,
-                   help="seconds to connect to the upstream")
-    p.add_argument("--read-timeout", type=float, default=d.read_timeout,
-                   help="longest silence from the upstream, in seconds, before the stream fails")
-    p.add_argument("--max-retries", type=int, default=d.max_retries,
-                   help="retries of a failed upstream request, only before its answer starts")
-    p.add_argument("--log-level", choices=LOG_LEVELS, default=d.log_level, help="log verbosity")
-    args = vars(p.parse_args(argv))
+    values: dict[str, Any] = {}
+    for flag, kind, help in FLAGS:
+        dest = flag[2:].replace("-", "_")
+        env = ENV_PREFIX + dest.upper()
+        default = getattr(defaults, dest)
+        if env in environ:
+            try:
+                values[dest] = kind(environ[env])
+            except ValueError:
+                p.error(f"invalid {env}: {environ[env]!r} (accepted: {_ACCEPTS.get(kind, 'text')})")
+        shown = "(hidden)" if dest == "access_token" else ",".join(default) if isinstance(default, tuple) else default
+        if kind is _bool:
+            p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{help} (default: {shown})")
+        else:
+            p.add_argument(flag, dest=dest, type=kind, default=None, metavar=dest.upper(),
+                           help=f"{help} (default: {shown})")
+    p.formatter_class = argparse.HelpFormatter  # the defaults are in the help texts already
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     try:
-        return Settings(**args).with_environment(environ)
+        return Settings(**{**values, **args}).with_environment(environ)
     except SettingsError as exc:
         p.error(str(exc))  # one clear line and exit 2, no traceback
         raise  # unreachable: p.error exits
@@ -80,7 +145,10 @@ async def serve(settings: Settings) -> None:
         raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
     backend = make_backend(settings)
     app = make_app(settings, backend)
-    server = make_server(app)
+    try:
+        server = make_server(app, settings)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"cannot load --certfile/--keyfile: {exc}") from None
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
     if backend.name == "demo":
@@ -88,10 +156,11 @@ async def serve(settings: Settings) -> None:
     else:
         log.info("backend: openai, model %s at %s", backend.model,
                  settings.base_url or "https://api.openai.com/v1")
-    if not _is_loopback(settings.host):
-        log.warning("listening on %s: anyone who can reach this address can spend the API key",
-                    settings.host)
-    log.info("tornado-sse listening on http://%s:%d/", settings.host, port)
+    if not _is_loopback(settings.host) and not settings.access_token:
+        log.warning("listening on %s without --access-token: anyone who can reach this address "
+                    "can spend the API key", settings.host)
+    scheme = "https" if settings.tls else "http"
+    log.info("tornado-sse listening on %s://%s:%d/", scheme, settings.host, port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -99,12 +168,23 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-    streams = app.settings["streams"]
-    log.info("shutting down: ending %d open streams", len(streams))
+    registry: StreamRegistry = app.settings["registry"]
+    log.info("draining: %d open streams get up to %gs to finish", registry.running, settings.drain_timeout)
+    registry.draining = True
     server.stop()
-    await end_all_streams(streams, timeout=SHUTDOWN_GRACE)
+    await _wait(lambda: registry.running == 0, settings.drain_timeout)
+    if registry.running:
+        log.info("ending %d streams that are still open", registry.running)
+        registry.shut_down_all()
+        await _wait(lambda: registry.running == 0, SHUTDOWN_GRACE)
     await server.close_all_connections()
     await backend.close()
+
+
+async def _wait(done: Callable[[], bool], timeout: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not done() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
 
 
 def _is_loopback(host: str) -> bool:

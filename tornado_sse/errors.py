@@ -6,7 +6,8 @@ are described here too):
     UpstreamError
     ├── MalformedChunk      a chunk that is not the JSON we expect
     ├── ErrorInStream       the upstream sent an `error` object inside the stream
-    └── IncompleteStream    the stream ended without `data: [DONE]`
+    ├── IncompleteStream    the stream ended without `data: [DONE]`
+    └── UpstreamTimeout     no first token, or a silence between tokens, past its limit
 
 `describe(exc)` is the only place that decides what the browser reads. The server log gets the
 exception itself; the client gets a code and a sentence, never a traceback, a path or a key.
@@ -34,6 +35,13 @@ class ErrorInStream(UpstreamError):
 
 class IncompleteStream(UpstreamError):
     pass
+
+
+class UpstreamTimeout(UpstreamError):
+    def __init__(self, phase: str, seconds: float):
+        super().__init__(f"no {phase} within {seconds:g} s")
+        self.phase = phase  # "first token" or "next token"
+        self.seconds = seconds
 
 
 class Failure(NamedTuple):
@@ -91,7 +99,14 @@ def describe(exc: BaseException) -> Failure:
             exc.status_code,
             Failure("upstream_error", f"The model provider refused the request ({exc.status_code})."),
         )
+    if isinstance(exc, UpstreamTimeout):
+        if exc.phase == "first token":
+            return Failure("upstream_timeout", f"The model did not start answering within {exc.seconds:g} seconds.")
+        return Failure("upstream_timeout",
+                       f"The model stopped writing for over {exc.seconds:g} seconds in the middle of the answer.")
     if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException, TimeoutError)):
+        if isinstance(exc, httpx2.ConnectTimeout) or isinstance(exc.__cause__, httpx2.ConnectTimeout):
+            return Failure("upstream_timeout", "Connecting to the model provider took too long.")
         return _TIMEOUT
     if isinstance(exc, (openai.APIConnectionError, httpx2.ConnectError)):
         return _UNREACHABLE

@@ -1,70 +1,111 @@
-"""The HTTP edge: the page, /ask (the SSE endpoint) and /healthz.
+"""The HTTP edge: the page and its sign-in, /ask (the SSE endpoint), /stop and /healthz.
 
-    browser -> AskHandler -> backend.stream(messages) -> sse.encode_*(...) -> socket
+    browser -> AskHandler -> StreamRegistry.start -> Stream.run: backend.stream(messages)
+            <- AskHandler.send(frame) <- Stream.emit: sse.encode_event(...)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import tornado.web
-from tornado.iostream import StreamClosedError
+from tornado.http1connection import HTTP1Connection
+from tornado.iostream import IOStream, StreamClosedError
 
 from . import sse
 from .backend import Backend
-from .errors import Failure, describe
+from .guard import COOKIE, RateLimiter, cross_site, secret_equals, session_value, token_matches
 from .settings import Settings
+from .streams import Stream, StreamRegistry
 
 log = logging.getLogger(__name__)
 
 # C0 controls other than tab, LF and CR: nothing a person types, and NUL breaks some upstreams.
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; "
+            "frame-ancestors 'none'")
+STREAM_GONE = ("stream_gone", "The answer was cut off: the connection was lost and the rest of it "
+               "is no longer available. Ask again to get a new answer.")
 
 
 class ClientError(tornado.web.HTTPError):
     """A request we refuse, with a code for machines and a sentence for people."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(status)
         self.code = code
         self.message = message
+        self.headers = headers or {}
 
-
-SHUTTING_DOWN = Failure("server_shutdown", "The server is restarting. Please ask again in a moment.")
 
 _GENERIC = {
+    400: ("bad_request", "The request could not be understood."),
     404: ("not_found", "There is nothing at this address."),
     405: ("method_not_allowed", "This address does not accept that HTTP method."),
+    413: ("request_too_large", "The request is too large."),
 }
 
 
 class BaseHandler(tornado.web.RequestHandler):
+    def initialize(self, settings: Settings) -> None:
+        self.config = settings
+
     def set_default_headers(self) -> None:
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Referrer-Policy", "no-referrer")
+        self.set_header("X-Frame-Options", "DENY")
+        if self.request.protocol == "https":
+            self.set_header("Strict-Transport-Security", "max-age=31536000")
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, ClientError):
             code, message = exc.code, exc.message
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
         else:
-            code, message = _GENERIC.get(status_code, ("internal_error", describe(Exception()).message))
+            code, message = _GENERIC.get(status_code, ("internal_error", "Something went wrong on this server."))
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
         self.finish({"error": {"code": code, "message": message}})
 
-    def log_exception(
-        self,
-        typ: type[BaseException] | None,
-        value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def log_exception(self, typ: type[BaseException] | None, value: BaseException | None,
+                      tb: TracebackType | None) -> None:
         # Tornado's own version prints the whole URI, and the question is in the query string.
         if not isinstance(value, tornado.web.HTTPError):
             log.error("uncaught exception in %s %s", self.request.method, self.request.path,
                       exc_info=(typ, value, tb))  # type: ignore[arg-type]
+
+    def query(self, name: str) -> str | None:
+        """A query argument, or None; bytes that are not UTF-8 are a clear 400 (Tornado's own
+        message would quote them into the log)."""
+        values = self.request.query_arguments.get(name)
+        if not values:
+            return None
+        try:
+            return values[-1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ClientError(400, "invalid_encoding", f"The {name} is not valid UTF-8 text.") from None
+
+    def signed_in(self) -> bool:
+        token = self.config.access_token
+        return token is None or token_matches(self.request, token)
+
+    def check_access(self) -> None:
+        """The gate in front of anything that spends: same-site pages only, and the token."""
+        if cross_site(self.request, self.config.allowed_origins):
+            raise ClientError(403, "cross_site", "This server only answers its own page: a "
+                              "request from another site was refused.")
+        if not self.signed_in():
+            raise ClientError(401, "unauthorized", "This server needs an access token: sign in on "
+                              "its page, or send 'Authorization: Bearer <token>'.",
+                              {"WWW-Authenticate": 'Bearer realm="tornado-sse"'})
 
 
 class NotFoundHandler(BaseHandler):
@@ -73,118 +114,204 @@ class NotFoundHandler(BaseHandler):
 
 
 class PageHandler(BaseHandler):
-    def initialize(self, backend: Backend, settings: Settings) -> None:
+    def initialize(self, settings: Settings, backend: Backend) -> None:  # type: ignore[override]
+        super().initialize(settings)
         self.backend = backend
-        self.settings_ = settings
 
     def get(self) -> None:
+        self.set_header("Content-Security-Policy", PAGE_CSP)
+        self.set_header("Cache-Control", "no-store")
         self.render("index.html", demo=self.backend.name == "demo", model=self.backend.model,
-                    max_question_chars=self.settings_.max_question_chars)
+                    max_question_chars=self.config.max_question_chars,
+                    resume_grace=self.config.resume_grace, needs_sign_in=not self.signed_in(),
+                    sign_in_failed=self.query("sign_in") == "failed")
+
+
+class SignInHandler(BaseHandler):
+    """POST /login: the page's sign-in form sets an HttpOnly, SameSite=Strict session cookie."""
+
+    def initialize(self, settings: Settings, limiter: RateLimiter) -> None:  # type: ignore[override]
+        super().initialize(settings)
+        self.limiter = limiter
+
+    def post(self) -> None:
+        token = self.config.access_token
+        if cross_site(self.request, self.config.allowed_origins):
+            raise ClientError(403, "cross_site", "Sign in on this server's own page.")
+        if self.limiter.take("sign-in " + self.request.remote_ip):
+            raise ClientError(429, "rate_limited", "Too many sign-in attempts. Wait a minute.")
+        given = self.get_body_argument("token", "")
+        if token is not None and secret_equals(given.strip(), token):
+            self.set_cookie(COOKIE, session_value(token), httponly=True, samesite="Strict",
+                            secure=self.request.protocol == "https", path="/")
+            self.redirect("/", status=303)
+        else:
+            self.redirect("/?sign_in=failed", status=303)
 
 
 class HealthHandler(BaseHandler):
-    def initialize(self, backend: Backend) -> None:
-        self.backend = backend
+    def initialize(self, settings: Settings, registry: StreamRegistry) -> None:  # type: ignore[override]
+        super().initialize(settings)
+        self.registry = registry
 
     def get(self) -> None:
         self.set_header("Cache-Control", "no-store")
-        self.finish({"status": "ok", "backend": self.backend.name, "model": self.backend.model})
+        backend = self.registry.backend
+        if self.registry.draining:
+            self.set_status(503)
+        self.finish({"status": "draining" if self.registry.draining else "ok",
+                     "backend": backend.name, "model": backend.model})
+
+
+class StopHandler(BaseHandler):
+    """POST /stop?stream=ID: the reader pressed Stop; abort now, whatever the resume grace."""
+
+    def initialize(self, settings: Settings, registry: StreamRegistry) -> None:  # type: ignore[override]
+        super().initialize(settings)
+        self.registry = registry
+
+    def post(self) -> None:
+        self.check_access()
+        stream = self.registry.get(self.query("stream") or "")
+        if stream is None:
+            raise ClientError(404, "unknown_stream", "There is no such answer being written.")
+        stream.abort()
+        self.set_status(204)
 
 
 class AskHandler(BaseHandler):
-    """Streams one answer as `update` frames and always ends with the end frame.
+    """GET /ask: one answer as Server-Sent Events; it always ends with the end frame.
 
-    The relay runs as its own task so that `on_connection_close` can cancel it: cancelling closes
-    the upstream response at once, whatever the relay was waiting for.
+    The generation runs in its Stream's own task; this handler is only its current reader. When
+    the browser leaves, `on_connection_close` detaches it, which aborts the generation (at once,
+    or after `--resume-grace`), closing the upstream response.
     """
 
-    def initialize(self, backend: Backend, settings: Settings, streams: set[AskHandler]) -> None:
-        self.backend = backend
-        self.settings_ = settings
-        self.streams = streams  # the open streams, owned by the Application
-        self.relay: asyncio.Task[None] | None = None
-        self.shutting_down = False
+    def initialize(self, settings: Settings, registry: StreamRegistry,  # type: ignore[override]
+                   limiter: RateLimiter) -> None:
+        super().initialize(settings)
+        self.registry = registry
+        self.limiter = limiter
+        self.stream: Stream | None = None
+        self.socket: IOStream | None = None
+        self.closed: asyncio.Future[None] | None = None
+        self.active = False  # a frame went out since the keep-alive last looked
 
     async def get(self) -> None:
+        self.check_access()
+        last_event_id = self.request.headers.get("Last-Event-ID") or self.query("resume")
+        if last_event_id is not None:
+            await self.resume(last_event_id)  # a reconnect never starts a second generation
+            return
         question = self.question()
+        if self.registry.draining:
+            raise ClientError(503, "shutting_down", "The server is restarting. Please ask again "
+                              "in a moment.", {"Retry-After": "5"})
+        if self.registry.full:
+            raise ClientError(503, "busy", "The server is answering as many questions as it can. "
+                              "Please try again shortly.", {"Retry-After": "5"})
+        wait = self.limiter.take(self.request.remote_ip)
+        if wait:
+            raise ClientError(429, "rate_limited", "Too many questions from your address. Please "
+                              f"wait {math.ceil(wait)} s.", {"Retry-After": str(math.ceil(wait))})
+        conversation, restarted = self.registry.conversations.open(self.query("conversation"))
+        self.start_event_stream()
+        self.stream = self.registry.start(conversation, question, restarted)
+        self.stream.attach(self)
+        await self.follow()
+
+    async def resume(self, last_event_id: str) -> None:
+        parsed = sse.parse_event_id(last_event_id)
+        stream = self.registry.get(parsed[0]) if parsed else None
+        self.start_event_stream()
+        backlog = stream.attach(self, after=parsed[1]) if stream and parsed else None
+        if stream is None or backlog is None:
+            self.write(sse.encode_error(*STREAM_GONE) + sse.encode_end())
+            self.finish()
+            return
+        self.stream = stream
+        self.write(b"".join(backlog))
+        if stream.done:
+            self.finish()
+            return
+        self.flush()
+        await self.follow()
+
+    def start_event_stream(self) -> None:
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
+        self.socket = cast(HTTP1Connection, self.request.connection).stream
+        self.closed = asyncio.get_running_loop().create_future()
+
+    async def follow(self) -> None:
+        """Wait while the stream writes to us; ping while it is silent."""
+        assert self.closed is not None
+        pinger = asyncio.ensure_future(self.keepalive())
         try:
-            await self.flush()  # the browser sees the stream open before the upstream answers
-        except StreamClosedError:
-            return
-        self.relay = asyncio.ensure_future(self.relay_answer([{"role": "user", "content": question}]))
-        self.streams.add(self)
-        try:
-            await self.relay
-        except asyncio.CancelledError:
-            pass  # the browser left; the relay closed the upstream on its way out
+            await self.closed
         finally:
-            self.streams.discard(self)
+            pinger.cancel()
+
+    async def keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.keepalive)
+            if self.active:
+                self.active = False
+            elif not self._finished:
+                self.write(sse.PING)
+                self.flush()
+
+    # -- Listener: what the Stream calls ---------------------------------------------------------
+
+    async def send(self, frame: bytes) -> None:
+        """Write a frame now. Only a congested socket makes us wait, at most --send-timeout."""
+        assert self.socket is not None
+        if self.socket.closed():
+            self.lost()
+            return
+        self.write(frame)
+        self.active = True
+        flushed = self.flush()
+        if self.socket.writing():  # the kernel buffer is full: this reader is behind
+            try:
+                await asyncio.wait_for(flushed, self.config.send_timeout)
+            except (StreamClosedError, TimeoutError):
+                self.lost()
+
+    def end(self) -> None:
+        if not self._finished:
+            self.finish()
+        self._resolve()
+
+    def drop(self) -> None:
+        self.lost()
+
+    def lost(self) -> None:
+        """Gone or too slow: let the stream go on without us (or abort), close the socket."""
+        if self.stream is not None:
+            self.stream.detach(self)
+        if self.socket is not None and not self.socket.closed():
+            self.socket.close()
+        self._resolve()
 
     def on_connection_close(self) -> None:
-        if self.relay is not None:
-            self.relay.cancel()
+        self.lost()
 
-    def shut_down(self) -> None:
-        """End this stream now with an error frame and the end frame (the server is stopping)."""
-        self.shutting_down = True
-        if self.relay is not None:
-            self.relay.cancel()
-
-    async def relay_answer(self, messages: list[dict[str, str]]) -> None:
-        stream = self.backend.stream(messages)
-        try:
-            try:
-                async for event, text in stream:
-                    self.write(sse.encode_update(text) if event == "update" else sse.encode_event(event, text))
-                    await self.flush()
-            except StreamClosedError:
-                raise
-            except asyncio.CancelledError:
-                if not self.shutting_down:
-                    raise
-                await stream.aclose()  # close the upstream before the last frames go out
-                self.write(sse.encode_error(*SHUTTING_DOWN))
-            except Exception as exc:
-                failure = describe(exc)
-                log.warning("stream failed (%s): %s: %s", failure.code, type(exc).__name__, exc,
-                            exc_info=failure.code == "internal_error")
-                self.write(sse.encode_error(*failure))
-            self.write(sse.END_FRAME)
-            await self.finish()
-        except StreamClosedError:
-            pass  # the browser left while we wrote
-        finally:
-            await stream.aclose()
+    def _resolve(self) -> None:
+        if self.closed is not None and not self.closed.done():
+            self.closed.set_result(None)
 
     def question(self) -> str:
-        values = self.request.query_arguments.get("question")
-        if not values:
-            raise ClientError(400, "missing_question", "Ask a question: /ask?question=your+question")
-        try:
-            question = values[-1].decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise ClientError(400, "invalid_encoding", "The question is not valid UTF-8 text.") from None
+        question = (self.query("question") or "").strip()
         if not question:
-            raise ClientError(400, "missing_question", "The question is empty. Type a question first.")
-        limit = self.settings_.max_question_chars
+            raise ClientError(400, "missing_question", "Ask a question: /ask?question=your+question")
+        limit = self.config.max_question_chars
         if len(question) > limit:
             raise ClientError(413, "question_too_long",
                               f"The question is {len(question):,} characters long; "
                               f"this server accepts at most {limit:,}.")
         if _CONTROL_CHARS.search(question):
-            raise ClientError(400, "invalid_characters",
-                              "The question contains control characters (such as NUL) "
-                              "that cannot be sent to the model.")
+            raise ClientError(400, "invalid_characters", "The question contains control characters "
+                              "(such as NUL) that cannot be sent to the model.")
         return question
-
-
-async def end_all_streams(streams: set[AskHandler], timeout: float) -> None:
-    """Shutdown: every open stream gets an error frame and the end frame, within `timeout`."""
-    for handler in list(streams):
-        handler.shut_down()
-    deadline = asyncio.get_running_loop().time() + timeout
-    while streams and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.02)

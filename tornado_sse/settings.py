@@ -27,9 +27,30 @@ class Settings:
     backend: BackendName = "auto"
     max_question_chars: int = 4000
     log_level: str = "info"
+    # The upstream
     connect_timeout: float = 10.0
-    read_timeout: float = 120.0
+    first_token_timeout: float = 180.0
+    idle_timeout: float = 60.0
     max_retries: int = 2
+    # The browser side
+    keepalive: float = 15.0
+    send_timeout: float = 30.0
+    max_streams: int = 5000
+    rate_limit: float = 20.0  # questions per minute per client; 0: no limit
+    rate_burst: int = 10
+    trust_proxy_headers: bool = False
+    allowed_origins: tuple[str, ...] = ()
+    access_token: str | None = field(default=None, repr=False)
+    certfile: str | None = None
+    keyfile: str | None = None
+    drain_timeout: float = 10.0
+    resume_grace: float = 0.0
+    resume_buffer: int = 4096  # frames kept per stream for a resume
+    # Conversations
+    max_turns: int = 20
+    max_conversation_chars: int = 24000
+    conversation_ttl: float = 3600.0
+    max_conversations: int = 10000
     # From the environment, the variables the openai SDK itself reads. The key never reaches a
     # repr, a log line or a response.
     api_key: str | None = field(default=None, repr=False)
@@ -43,9 +64,30 @@ class Settings:
         _check(self.max_question_chars >= 1, "max_question_chars", self.max_question_chars, ">= 1")
         _check(self.log_level in LOG_LEVELS, "log_level", self.log_level, "|".join(LOG_LEVELS))
         _check(self.connect_timeout > 0, "connect_timeout", self.connect_timeout, "seconds > 0")
-        _check(self.read_timeout > 0, "read_timeout", self.read_timeout, "seconds > 0")
+        _check(self.first_token_timeout > 0, "first_token_timeout", self.first_token_timeout, "seconds > 0")
+        _check(self.idle_timeout > 0, "idle_timeout", self.idle_timeout, "seconds > 0")
         _check(self.max_retries >= 0, "max_retries", self.max_retries, "a whole number >= 0")
         _check(bool(self.model.strip()), "model", self.model, "a model name")
+        _check(self.keepalive > 0, "keepalive", self.keepalive, "seconds > 0")
+        _check(self.send_timeout > 0, "send_timeout", self.send_timeout, "seconds > 0")
+        _check(self.max_streams >= 1, "max_streams", self.max_streams, "a whole number >= 1")
+        _check(self.rate_limit >= 0, "rate_limit", self.rate_limit, "questions per minute >= 0")
+        _check(self.rate_burst >= 1, "rate_burst", self.rate_burst, "a whole number >= 1")
+        _check(self.drain_timeout >= 0, "drain_timeout", self.drain_timeout, "seconds >= 0")
+        _check(self.resume_grace >= 0, "resume_grace", self.resume_grace, "seconds >= 0")
+        _check(self.resume_buffer >= 1, "resume_buffer", self.resume_buffer, "frames >= 1")
+        _check(self.max_turns >= 1, "max_turns", self.max_turns, "a whole number >= 1")
+        _check(self.max_conversation_chars >= 1, "max_conversation_chars",
+               self.max_conversation_chars, "a whole number >= 1")
+        _check(self.conversation_ttl > 0, "conversation_ttl", self.conversation_ttl, "seconds > 0")
+        _check(self.max_conversations >= 1, "max_conversations", self.max_conversations, ">= 1")
+        _check((self.certfile is None) == (self.keyfile is None), "certfile", self.certfile,
+               "--certfile and --keyfile together")
+        for origin in self.allowed_origins:
+            _check("://" in origin and not origin.endswith("/"), "allowed_origins", origin,
+                   "origins like https://example.com, without a path")
+        _check(self.access_token is None or len(self.access_token) >= 8, "access_token",
+               "(hidden)", "at least 8 characters")
 
     @property
     def resolved_backend(self) -> Literal["openai", "demo"]:
@@ -58,12 +100,18 @@ class Settings:
     def log_level_number(self) -> int:
         return int(getattr(logging, self.log_level.upper()))
 
+    @property
+    def tls(self) -> bool:
+        return self.certfile is not None
+
     def with_environment(self, environ: Mapping[str, str]) -> Settings:
-        """The openai SDK's own variables: OPENAI_API_KEY and OPENAI_BASE_URL."""
+        """The openai SDK's own variables, OPENAI_API_KEY and OPENAI_BASE_URL; and the access
+        token, which is better kept out of the process list than given as a flag."""
         return dataclasses.replace(
             self,
             api_key=environ.get("OPENAI_API_KEY") or None,
             base_url=environ.get("OPENAI_BASE_URL") or None,
+            access_token=self.access_token or environ.get("TORNADO_SSE_ACCESS_TOKEN") or None,
         )
 
 

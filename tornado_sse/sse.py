@@ -6,36 +6,46 @@ import json
 import re
 
 END_MARKER = "<END_STREAMING_SSE>"
+PING = b": ping\n\n"  # a comment line: keeps proxies and browsers from timing out, shows nothing
 
 # The spec ends a line at CRLF, CR or LF, and nowhere else (str.splitlines() would also split on
 # U+2028, U+0085 and friends, and drop a trailing newline).
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
-def encode_event(event: str, data: str) -> bytes:
-    """One frame: `event: <event>`, one `data: ` line per line of `data`, a blank line.
+def encode_event(event: str, data: str, id: str | None = None) -> bytes:
+    """One frame: `id: <id>` if given, `event: <event>`, one `data: ` line per line of `data`, a
+    blank line.
 
     A browser joins the data lines with "\\n", so any text, newlines included, arrives as
     `event.data` unchanged (CRLF and CR arrive as LF: the format cannot carry them).
     """
-    lines = _LINE_BREAK.split(data)
-    return ("event: " + event + "\ndata: " + "\ndata: ".join(lines) + "\n\n").encode()
+    head = "id: " + id + "\nevent: " if id is not None else "event: "
+    return (head + event + "\ndata: " + "\ndata: ".join(_LINE_BREAK.split(data)) + "\n\n").encode()
 
 
-def encode_update(text: str) -> bytes:
-    """A text delta as `update` frames.
+def update_parts(text: str) -> tuple[str, ...]:
+    """A text delta as the `update` frames to send.
 
     The reference page stops at an `update` whose data is exactly the end marker, so a model that
     writes the marker itself gets it split over two frames: same text, no early stop.
     """
     if text == END_MARKER:
-        half = len(END_MARKER) // 2
-        return encode_event("update", text[:half]) + encode_event("update", text[half:])
-    return encode_event("update", text)
+        return END_MARKER[:9], END_MARKER[9:]
+    return (text,)
 
 
-def encode_error(code: str, message: str) -> bytes:
-    return encode_event("error", json.dumps({"code": code, "message": message}))
+def encode_error(code: str, message: str, id: str | None = None) -> bytes:
+    return encode_event("error", json.dumps({"code": code, "message": message}), id)
 
 
-END_FRAME = encode_event("update", END_MARKER)
+def encode_end(id: str | None = None) -> bytes:
+    return encode_event("update", END_MARKER, id)
+
+
+def parse_event_id(value: str) -> tuple[str, int] | None:
+    """`<stream>.<seq>` -> (stream, seq); anything else (a browser may send junk) -> None."""
+    stream, dot, seq = value.strip().rpartition(".")
+    if not dot or not stream or not (seq.isascii() and seq.isdigit()) or len(seq) > 9 or len(stream) > 64:
+        return None
+    return stream, int(seq)

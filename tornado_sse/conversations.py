@@ -1,0 +1,85 @@
+"""Conversations kept in memory, so follow-up questions carry their context. Every bound is a
+setting: turns and characters per conversation (oldest turns dropped first), idle lifetime, and a
+total count with least-recently-used eviction."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Message = dict[str, str]
+CUT_OFF_NOTE = "\n\n[This answer was cut off.]"
+
+
+@dataclass
+class Turn:
+    question: str
+    answer: str
+    cut_off: bool = False
+
+
+@dataclass
+class Conversation:
+    id: str
+    turns: list[Turn] = field(default_factory=list)
+    used: float = 0.0
+
+    def messages(self, question: str) -> list[Message]:
+        """The turns so far, then the new question, as Chat Completions messages."""
+        messages: list[Message] = []
+        for turn in self.turns:
+            messages.append({"role": "user", "content": turn.question})
+            answer = turn.answer + CUT_OFF_NOTE if turn.cut_off else turn.answer
+            messages.append({"role": "assistant", "content": answer})
+        messages.append({"role": "user", "content": question})
+        return messages
+
+
+class ConversationStore:
+    def __init__(self, *, max_turns: int, max_chars: int, ttl: float, max_conversations: int,
+                 clock: Callable[[], float] = time.monotonic):
+        self._max_turns = max_turns
+        self._max_chars = max_chars
+        self._ttl = ttl
+        self._max = max_conversations
+        self._clock = clock
+        self._items: OrderedDict[str, Conversation] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def open(self, id: str | None) -> tuple[Conversation, bool]:
+        """The conversation `id`, or a new one; the flag says a given id was unknown or expired."""
+        now = self._clock()
+        self._expire(now)
+        conversation = self._items.get(id) if id else None
+        if conversation is None:
+            conversation = Conversation(secrets.token_urlsafe(16))
+            self._items[conversation.id] = conversation
+            while len(self._items) > self._max:
+                self._items.popitem(last=False)
+        self._items.move_to_end(conversation.id)
+        conversation.used = now
+        return conversation, bool(id) and conversation.id != id
+
+    def record(self, conversation: Conversation, turn: Turn) -> None:
+        """Add a finished (or cut-off) turn, then drop the oldest turns past the bounds."""
+        turns = conversation.turns
+        turns.append(turn)
+        while len(turns) > self._max_turns or (
+            len(turns) > 1 and sum(len(t.question) + len(t.answer) for t in turns) > self._max_chars
+        ):
+            del turns[0]
+        conversation.used = self._clock()
+        if conversation.id in self._items:
+            self._items.move_to_end(conversation.id)
+
+    def _expire(self, now: float) -> None:
+        while self._items:
+            oldest = next(iter(self._items.values()))
+            if now - oldest.used < self._ttl:
+                break
+            del self._items[oldest.id]
