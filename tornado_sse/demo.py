@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import socket
 import time
@@ -40,6 +41,8 @@ class Script:
     fail_after: int = 0  # deltas sent before the failure
     status: int = 500  # for fail="status"
     error_code: str | None = None  # for fail="status", e.g. "insufficient_quota"
+    retry_after: str | None = None  # for fail="status": a Retry-After header
+    fail_times: int | None = None  # fail only the first N requests (None: every one)
 
 
 @dataclass
@@ -126,6 +129,8 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
             raise tornado.web.HTTPError(400) from None
         self.fake.requests.append(body)
         script = self.fake.script
+        if script.fail_times is not None and len(self.fake.requests) > script.fail_times:
+            script = dataclasses.replace(script, fail=None)
         model = str(body.get("model", "demo"))
         if script.fail == "status":
             await self.fail_with_status(script)
@@ -191,6 +196,8 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
     async def fail_with_status(self, script: Script) -> None:
         self.set_status(script.status)
         self.set_header("Content-Type", "application/json")
+        if script.retry_after is not None:
+            self.set_header("Retry-After", script.retry_after)
         code = script.error_code or {401: "invalid_api_key", 404: "model_not_found"}.get(script.status)
         self.finish({"error": {"message": f"Scripted failure with status {script.status}.",
                                "type": "invalid_request_error", "param": None, "code": code}})

@@ -199,8 +199,10 @@ class AskHandler(BaseHandler):
 
     async def get(self) -> None:
         self.check_access()
-        last_event_id = self.request.headers.get("Last-Event-ID") or self.query("resume")
-        if last_event_id is not None:
+        last_event_id = self.request.headers.get("Last-Event-ID")
+        if last_event_id is None:
+            last_event_id = self.query("resume")
+        if last_event_id is not None:  # even empty: a reconnect is never a new question
             await self.resume(last_event_id)  # a reconnect never starts a second generation
             return
         question = self.question()

@@ -30,8 +30,12 @@ class Watchdog:
     def touch(self) -> None:
         """A token arrived."""
         self._last = self._loop.time()
-        self._limit = self._idle
-        self._started = True
+        if not self._started:  # from now on the (usually shorter) idle limit applies
+            self._started = True
+            self._limit = self._idle
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = self._loop.call_at(self._last + self._idle, self._check)
 
     def _check(self) -> None:
         due = self._last + self._limit
