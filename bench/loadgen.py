@@ -1,7 +1,7 @@
 """The load generator: many `GET /ask` SSE streams on raw asyncio Protocols, one process.
 
-    python bench/loadgen.py --port 8888 --streams 100 --tokens 250 --ramp 1
-    python bench/loadgen.py --port 8888 --steps 100,200,400 --tokens 60 --latency-limit-ms 50
+    python bench/loadgen.py --port 8888 --streams 100 --ramp 1
+    python bench/loadgen.py --port 8888 --streams 200 --steps 10,20,40 --latency-limit-ms 50
 
 Each stream is one HTTP/1.1 connection parsed incrementally (status line, headers, chunked body,
 SSE lines). Every `update` frame's data holds upstream send stamps (`time.monotonic_ns()`), so the
@@ -29,7 +29,10 @@ class Run:
     """What all the streams of one run share: the latency samples and the outcome counters."""
 
     drop_after: int = 0  # >0: close the connection after this many tokens
-    latencies: list[int] = field(default_factory=list)  # ns, one per token
+    latencies: list[int] = field(default_factory=list)  # ns, one per token in the steady window
+    early: list[int] = field(default_factory=list)  # ns, tokens before it (streams still opening)
+    measuring: bool = False  # the steady window: every stream open, plus a moment to settle
+    protocols: list[SSEStream] = field(default_factory=list)
     ttft: list[int] = field(default_factory=list)  # ns, one per stream with a first token
     outcomes: Counter[str] = field(default_factory=Counter)
     closed_at: dict[str, float] = field(default_factory=dict)  # question -> time.monotonic()
@@ -43,6 +46,7 @@ class Run:
 class SSEStream(asyncio.Protocol):
     def __init__(self, run: Run, question: str, request: bytes, done: asyncio.Future[str]):
         self.run, self.question, self.request, self.done = run, question, request, done
+        run.protocols.append(self)
         self.transport: asyncio.Transport | None = None
         self.sent_ns = 0
         self.headers_done = False
@@ -156,8 +160,9 @@ class SSEStream(asyncio.Protocol):
                 self.first_ns = now
                 run.ttft.append(now - self.sent_ns)
                 self.mark_open()
+            samples = run.latencies if run.measuring else run.early
             for stamp in stamps:
-                run.latencies.append(now - int(stamp))
+                samples.append(now - int(stamp))
             self.tokens += len(stamps)
             run.tokens += len(stamps)
             self.last_ns = now
@@ -174,8 +179,14 @@ def pct(values: list[int] | list[float], p: float) -> float | None:
 
 
 async def run_streams(host: str, port: int, streams: int, *, ramp: float = 0.0, drop_after: int = 0,
-                      timeout: float = 60.0, prefix: str = "q", ready: bool = False) -> dict[str, Any]:
-    """Open `streams` streams spread evenly over `ramp` seconds; wait for all, at most `timeout`."""
+                      timeout: float = 60.0, prefix: str = "q", ready: bool = False, hold: float = 0.0,
+                      settle: float = 0.25) -> dict[str, Any]:
+    """Open `streams` streams spread evenly over `ramp` seconds; wait for all, at most `timeout`.
+
+    Relay latency counts from `settle` seconds after every stream has its first token (the steady
+    window); earlier tokens are reported apart. With `hold`, the streams are closed `hold` seconds
+    into the steady window (outcome "held") instead of being read to their end.
+    """
     loop = asyncio.get_running_loop()
     run = Run(drop_after=drop_after, target=streams)
     futures: list[asyncio.Future[str]] = []
@@ -204,12 +215,19 @@ async def run_streams(host: str, port: int, streams: int, *, ramp: float = 0.0, 
         if delay > 0.001:
             await asyncio.sleep(delay)
         starters.append(loop.create_task(open_one(i)))
+    try:
+        await asyncio.wait_for(run.all_open.wait(), max(0.1, t0 + timeout - time.monotonic()))
+    except TimeoutError:
+        pass
+    all_open_s = time.monotonic() - t0
     if ready:
-        try:
-            await asyncio.wait_for(run.all_open.wait(), max(0.1, t0 + timeout - time.monotonic()))
-        except TimeoutError:
-            pass
         print("READY", run.open_streams, flush=True)
+    await asyncio.wait(futures, timeout=settle)
+    run.measuring = True
+    if hold:
+        await asyncio.wait(futures, timeout=min(hold, max(0.1, t0 + timeout - time.monotonic())))
+        for proto in run.protocols:
+            proto.finish("held")
     _, pending = await asyncio.wait(futures, timeout=max(0.1, t0 + timeout - time.monotonic()))
     for fut in pending:
         fut.set_result("timeout")
@@ -222,12 +240,15 @@ async def run_streams(host: str, port: int, streams: int, *, ramp: float = 0.0, 
         "streams": streams,
         "outcomes": dict(run.outcomes),
         "completed": run.outcomes["completed"],
-        "failed": streams - run.outcomes["completed"] - run.outcomes["dropped"],
+        "failed": streams - run.outcomes["completed"] - run.outcomes["dropped"] - run.outcomes["held"],
         "tokens": run.tokens,
         # the sum of each completed stream's own rate (first to last token): the aggregate rate
         # the server sustains while streams are open, not diluted by the ramp and the set-up
         "tokens_per_s": sum(run.rates) if run.rates else None,
         "latency_ms": {f"p{p}": _scale(pct(run.latencies, p), ms) for p in (50, 90, 99, 100)},
+        "latency_steady_samples": len(run.latencies),
+        "latency_early_ms": {f"p{p}": _scale(pct(run.early, p), ms) for p in (50, 90, 99, 100)},
+        "all_open_s": all_open_s,
         "ttft_ms": {f"p{p}": _scale(pct(run.ttft, p), ms) for p in (50, 90, 99, 100)},
         "closed_at": run.closed_at,
         "wall_s": wall,
@@ -259,9 +280,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any]
     if args.steps:
         steps = []
-        for n in [int(s) for s in args.steps.split(",")]:
-            step = await run_streams(args.host, args.port, n, ramp=args.ramp, timeout=args.timeout,
-                                     prefix=f"s{n}_")
+        for rate in [int(s) for s in args.steps.split(",")]:
+            tokens = int(rate * (args.ramp + 0.5 + args.step_seconds)) + 1
+            step = await run_streams(args.host, args.port, args.streams, ramp=args.ramp,
+                                     timeout=args.timeout, prefix=f"r{rate}x{tokens}_")
+            step["rate"] = rate
             step["loop_lag_ms_p99"] = pct(lag, 99)
             lag.clear()
             steps.append(step)
@@ -272,7 +295,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         result = {"steps": steps, "latency_limit_ms": args.latency_limit_ms}
     else:
         result = await run_streams(args.host, args.port, args.streams, ramp=args.ramp,
-                                   drop_after=args.drop_after, timeout=args.timeout, ready=True)
+                                   drop_after=args.drop_after, timeout=args.timeout, ready=True,
+                                   hold=args.hold)
     stop.set()
     await monitor
     result["loop_lag_ms"] = {"p99": pct(lag, 99), "max": pct(lag, 100)}
@@ -287,7 +311,9 @@ def main() -> None:
     p.add_argument("--ramp", type=float, default=0.0, help="seconds over which streams are opened")
     p.add_argument("--drop-after", type=int, default=0, help="close each stream after N tokens")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a run may take at most")
-    p.add_argument("--steps", default="", help="saturation: comma-separated stream counts")
+    p.add_argument("--hold", type=float, default=0.0, help="close every stream this many s into the steady window")
+    p.add_argument("--steps", default="", help="saturation: comma-separated tokens/s per stream")
+    p.add_argument("--step-seconds", type=float, default=2.5, help="saturation: steady seconds per step")
     p.add_argument("--latency-limit-ms", type=float, default=50.0, help="saturation: stop above this p99")
     p.add_argument("--no-uvloop", action="store_true")
     args = p.parse_args()

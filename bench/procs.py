@@ -71,10 +71,12 @@ class RssSampler:
 
 def start(cmd: list[str], log: Path, env: dict[str, str] | None = None,
           stdout_pipe: bool = False) -> subprocess.Popen[str]:
-    """Start `cmd` with the raised file limit; stderr (and stdout unless piped) to `log`."""
+    """Start `cmd` in bench/ (so `-m tornado_sse` imports from PYTHONPATH or the installed
+    package, not from the work tree by accident) with the raised file limit; stderr (and stdout
+    unless piped) to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     handle: IO[str] = log.open("a")
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, text=True,
+    return subprocess.Popen(cmd, cwd=BENCH, env={**os.environ, **(env or {})}, text=True,
                             stdout=subprocess.PIPE if stdout_pipe else handle, stderr=handle,
                             preexec_fn=raise_nofile)
 
@@ -121,5 +123,7 @@ def stop(proc: subprocess.Popen[str], grace: float = 6.0) -> None:
 def server_cmd(side: str, port: int) -> list[str]:
     if side == "tornado-sse":
         return [sys.executable, "-m", "tornado_sse", "--host", "127.0.0.1", "--port", str(port),
-                "--backend", "openai", "--max-retries", "0", "--log-level", "warning"]
+                "--backend", "openai", "--max-retries", "0", "--log-level", "warning",
+                # the peer has no rate limit or stream cap: measure the relay, not the limits
+                "--rate-limit", "0", "--max-streams", "100000"]
     return [sys.executable, str(BENCH / "peers" / "fastapi_peer.py"), "--port", str(port)]

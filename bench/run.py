@@ -7,7 +7,11 @@
 For every run, scenario and side it starts a fresh upstream (bench/upstream.py) and a fresh server,
 warms the server up, drives it with bench/loadgen.py in its own process, reads the server's CPU time
 and memory from /proc, and stops everything. Medians over the runs go to a Markdown table on stdout;
-every number of every run goes to bench/results/<time>.json.
+every number of every run goes to bench/results/<time>.json (rewritten after each measurement).
+
+`--code HEAD` (or any revision) benchmarks that commit instead of the work tree: `git archive`
+extracts it under bench/results/ and every process imports tornado_sse from there (git's state is
+only read, never changed).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import time
 import urllib.request
@@ -30,17 +35,18 @@ SIDES = ("tornado-sse", "fastapi-peer")
 RESULTS = procs.BENCH / "results"
 
 
-def measure(s: Scenario, side: str, logs: Path, latency_limit_ms: float) -> dict[str, Any]:
+def measure(s: Scenario, side: str, logs: Path, latency_limit_ms: float, env: dict[str, str]) -> dict[str, Any]:
     """One scenario against one side, with its own upstream and server processes."""
     py = sys.executable
     up = procs.start([py, str(procs.BENCH / "upstream.py"), "--tokens", str(s.tokens),
-                      "--token-delay", str(s.token_delay)], logs / "upstream.log", stdout_pipe=True)
+                      "--token-delay", str(s.token_delay)], logs / "upstream.log", env, stdout_pipe=True)
     srv = None
     try:
         up_port = int(procs.read_line(up, 20).split()[1])
         port = procs.free_port()
         srv = procs.start(procs.server_cmd(side, port), logs / f"{side}.log",
-                          env={"OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1", "OPENAI_API_KEY": "bench"})
+                          env={**env, "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
+                               "OPENAI_API_KEY": "bench"})
         procs.wait_http(port, "/healthz")
         warm = asyncio.run(loadgen.run_streams("127.0.0.1", port, 20, prefix="warmup", timeout=15))
         if warm["completed"] != 20:
@@ -76,6 +82,21 @@ def measure(s: Scenario, side: str, logs: Path, latency_limit_ms: float) -> dict
         if srv is not None:
             procs.stop(srv)
         procs.stop(up, grace=2)
+
+
+def code_env(rev: str | None, stamp: str) -> tuple[dict[str, str], str]:
+    """PYTHONPATH for a `git archive` of `rev` (empty: the work tree), and a description of it."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=procs.ROOT, capture_output=True, text=True).stdout.strip()
+    if not rev:
+        dirty = " + uncommitted changes" if git("status", "--porcelain", "--", "tornado_sse") else ""
+        return {}, f"work tree at {git('rev-parse', '--short', 'HEAD')}{dirty}"
+    dest = RESULTS / f"code-{stamp}"
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", rev, "tornado_sse", "templates", "static"], cwd=procs.ROOT,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return {"PYTHONPATH": str(dest)}, f"commit {git('rev-parse', '--short', rev)} ({rev})"
 
 
 def upstream_stats(port: int, dropped: int, wait: float = 6.0) -> dict[str, Any]:
@@ -134,6 +155,7 @@ def main() -> None:
     p.add_argument("--scenario", action="append", default=[], help="run only this one (repeatable)")
     p.add_argument("--side", action="append", choices=SIDES, default=[], help="only this side")
     p.add_argument("--latency-limit-ms", type=float, default=50.0, help="saturation: p99 limit")
+    p.add_argument("--code", default=None, help="benchmark this git revision instead of the work tree")
     args = p.parse_args()
     procs.raise_nofile()
     every = scenarios(args.quick)
@@ -145,23 +167,25 @@ def main() -> None:
     n_runs = args.runs or (1 if args.quick else 3)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logs = RESULTS / f"logs-{stamp}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    env, code = code_env(args.code, stamp)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     errors: list[str] = []
+    out = RESULTS / f"{stamp}.json"
     for i in range(n_runs):
         for name, s in chosen.items():
             for side in (sides if i % 2 == 0 else sides[::-1]):  # alternate who goes first
                 t = time.monotonic()
                 try:
-                    r = measure(s, side, logs, args.latency_limit_ms)
+                    r = measure(s, side, logs, args.latency_limit_ms, env)
                     runs.setdefault(name, {}).setdefault(side, []).append(r)
                 except Exception as exc:  # one broken measurement must not lose the others
                     errors.append(f"run {i + 1} {name} {side}: {type(exc).__name__}: {exc}")
                 print(f"run {i + 1}/{n_runs} {name:<14} {side:<13} {time.monotonic() - t:5.1f} s",
                       file=sys.stderr, flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{stamp}.json"
-    out.write_text(json.dumps({"args": vars(args), "runs": runs, "errors": errors}, indent=1))
-    print(f"## tornado-sse vs FastAPI + sse-starlette (median of {n_runs} run(s))\n")
+                out.write_text(json.dumps({"args": vars(args), "code": code, "runs": runs,
+                                           "errors": errors}, indent=1))
+    print(f"## tornado-sse vs FastAPI + sse-starlette (median of {n_runs} run(s); {code})\n")
     print(table(runs, chosen))
     for e in errors:
         print(f"\n- ERROR {e}")

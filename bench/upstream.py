@@ -8,7 +8,8 @@ It prints `READY <port>` once it listens. Around the demo's handler it adds:
   (the load generator's stream id), when the close was seen (`time.monotonic()`, comparable across
   processes) and when each chunk was written, so the harness can tell how long after the load
   generator's close the upstream saw it and how many chunks it wrote in between.
-- a question starting with `warmup` gets a one-token answer, whatever the script says.
+- a question starting with `warmup` gets a one-token answer, whatever the script says, and one
+  starting with `r<R>x<N>_` gets N tokens at R tokens/s (the saturation steps).
 - a listen backlog of 4,096 instead of Tornado's 128, so that 2,000 connections at once measure the
   server under test and not this process.
 """
@@ -17,21 +18,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import re
 import resource
 import socket
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tornado_sse.demo import ChatCompletionsHandler, FakeUpstream, Script  # noqa: E402
+from tornado_sse.demo import ChatCompletionsHandler, FakeUpstream, Script
 
+RATE = re.compile(r"r(\d+)x(\d+)_")
 GONE: list[dict[str, Any]] = []  # one record per client that went away mid-stream
 
 
@@ -58,7 +59,14 @@ class BenchHandler(ChatCompletionsHandler):
     def deltas(self, script: Script, body: dict[str, Any]) -> list[str | dict[str, Any] | bytes]:
         if self.question.startswith("warmup"):
             return ["warm "]
+        if m := RATE.match(self.question):
+            return [f"tok{i} " for i in range(int(m[2]))]
         return super().deltas(script, body)
+
+    async def stream(self, script: Script, model: str, deltas: list[str | dict[str, Any] | bytes]) -> None:
+        if m := RATE.match(self.question):
+            script = dataclasses.replace(script, token_delay=1 / int(m[1]))
+        await super().stream(script, model, deltas)
 
     async def send(self, data: bytes) -> None:
         self.write_times.append(time.monotonic())

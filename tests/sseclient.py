@@ -50,7 +50,8 @@ class Answer:
         """The first frame's JSON: conversation and stream ids."""
         event, data = self.events[0]
         assert event == "meta", self.events[:1]
-        return json.loads(data)  # type: ignore[no-any-return]
+        meta: dict[str, object] = json.loads(data)
+        return meta
 
     @property
     def after_meta(self) -> list[tuple[str, str]]:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -74,18 +75,25 @@ def running(*args: str, env: dict[str, str] | None = None, python: str = sys.exe
                             env=env or CLEAN_ENV, stderr=subprocess.PIPE, text=True, cwd=cwd)
     assert proc.stderr is not None
     lines: list[str] = []
+    drain: threading.Thread | None = None
     try:
         while True:
             line = proc.stderr.readline()
             assert line, "server exited: " + "".join(lines)
             lines.append(line)
-            if match := re.search(r"listening on http://[\d.]+:(\d+)/", line):
+            if match := re.search(r"listening on https?://[\d.]+:(\d+)/", line):
                 break
+        # Keep reading the log, so a chatty server never blocks on a full pipe.
+        stderr = proc.stderr
+        drain = threading.Thread(target=lambda: lines.extend(stderr), daemon=True)
+        drain.start()
         yield proc, int(match.group(1)), lines
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        if drain is not None:
+            drain.join(5)
         proc.stderr.close()
 
 

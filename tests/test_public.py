@@ -30,7 +30,7 @@ def tuned(**changes: object):
 
 
 @pytest.fixture
-def settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:  # type: ignore[override]
+def settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
     return with_settings(settings, **getattr(request, "param", {}))
 
 
@@ -247,6 +247,9 @@ async def test_signing_in_on_the_page_sets_a_safe_cookie_that_opens_ask(base_url
     ({"Origin": "https://evil.example"}, False),
     ({"Sec-Fetch-Site": "cross-site"}, False),
     ({"Sec-Fetch-Site": "same-site"}, False),
+    ({"Origin": "null", "Sec-Fetch-Site": "cross-site"}, False),
+    ({"Origin": "null"}, False),
+    ({"Origin": "null", "Sec-Fetch-Site": "same-origin"}, True),
     ({"Origin": "https://friend.example"}, True),
     ({"Sec-Fetch-Site": "same-origin"}, True),
     ({"Sec-Fetch-Site": "none"}, True),
@@ -273,7 +276,7 @@ async def test_every_response_has_the_security_headers(base_url, http_client):
     for path in ("/", "/healthz", "/ask", "/missing"):
         response = await http_client.fetch(base_url + path, raise_error=False)
         assert response.headers["X-Content-Type-Options"] == "nosniff", path
-        assert response.headers["Referrer-Policy"] == "no-referrer", path
+        assert response.headers["Referrer-Policy"] == "same-origin", path
         assert response.headers["X-Frame-Options"] == "DENY", path
 
 

@@ -29,6 +29,7 @@ from .streams import StreamRegistry
 log = logging.getLogger("tornado_sse")
 
 ENV_PREFIX = "TORNADO_SSE_"
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 SHUTDOWN_GRACE = 5.0  # seconds for streams to write their last frames once the drain is over
 
 
@@ -140,7 +141,8 @@ class StartupError(Exception):
 
 async def serve(settings: Settings) -> None:
     try:
-        sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
+        # Tornado's default backlog (128) drops connections when thousands open at once.
+        sockets = tornado.netutil.bind_sockets(settings.port, settings.host, backlog=LISTEN_BACKLOG)
     except OSError as exc:
         raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
     backend = make_backend(settings)

@@ -40,10 +40,13 @@ def cross_site(request: tornado.httputil.HTTPServerRequest, allowed_origins: tup
     Clients that send neither (curl, scripts) are not browsers acting for another site.
     """
     origin = request.headers.get("Origin")
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if origin == "null":  # a privacy-sensitive context (sandboxed frame, some form posts)
+        return fetch_site != "same-origin"
     if origin is not None:
         own = f"{request.protocol}://{request.host}"
         return origin != own and origin not in allowed_origins
-    return request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site")
+    return fetch_site in ("cross-site", "same-site")
 
 
 class RateLimiter:

@@ -58,7 +58,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def set_default_headers(self) -> None:
         self.set_header("X-Content-Type-Options", "nosniff")
-        self.set_header("Referrer-Policy", "no-referrer")
+        self.set_header("Referrer-Policy", "same-origin")
         self.set_header("X-Frame-Options", "DENY")
         if self.request.protocol == "https":
             self.set_header("Strict-Transport-Security", "max-age=31536000")
@@ -92,6 +92,11 @@ class BaseHandler(tornado.web.RequestHandler):
             return values[-1].decode("utf-8")
         except UnicodeDecodeError:
             raise ClientError(400, "invalid_encoding", f"The {name} is not valid UTF-8 text.") from None
+
+    @property
+    def client(self) -> str:
+        """The client's address: the socket's, or the proxy's word for it with --trust-proxy-headers."""
+        return self.request.remote_ip or "unknown"
 
     def signed_in(self) -> bool:
         token = self.config.access_token
@@ -138,7 +143,7 @@ class SignInHandler(BaseHandler):
         token = self.config.access_token
         if cross_site(self.request, self.config.allowed_origins):
             raise ClientError(403, "cross_site", "Sign in on this server's own page.")
-        if self.limiter.take("sign-in " + self.request.remote_ip):
+        if self.limiter.take("sign-in " + self.client):
             raise ClientError(429, "rate_limited", "Too many sign-in attempts. Wait a minute.")
         given = self.get_body_argument("token", "")
         if token is not None and secret_equals(given.strip(), token):
@@ -212,7 +217,7 @@ class AskHandler(BaseHandler):
         if self.registry.full:
             raise ClientError(503, "busy", "The server is answering as many questions as it can. "
                               "Please try again shortly.", {"Retry-After": "5"})
-        wait = self.limiter.take(self.request.remote_ip)
+        wait = self.limiter.take(self.client)
         if wait:
             raise ClientError(429, "rate_limited", "Too many questions from your address. Please "
                               f"wait {math.ceil(wait)} s.", {"Retry-After": str(math.ceil(wait))})

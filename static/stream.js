@@ -1,0 +1,131 @@
+// One answer's Server-Sent Events stream. The EventSource is closed on the end frame, on every
+// `error` event and on every connection error, so the browser never reconnects on its own and asks
+// the question again. A dropped connection is resumed only by id (`/ask?resume=<stream>.<seq>`,
+// which replays, never regenerates), and only while the server keeps the stream (resume_grace).
+"use strict";
+
+const END_MARKER = "<END_STREAMING_SSE>";
+
+class AnswerStream {
+  // url: "/ask?question=..." or "/ask?resume=...". `on` holds the callbacks:
+  //   meta(meta), update(text), reasoning(text), progress() after each event (lastEventId is current),
+  //   reconnecting(), done(outcome) once, with outcome.kind one of
+  //   "end" | "error" (code, message) | "lost" | "refused" | "unreachable" | "stopped".
+  constructor(url, { resumeGrace = 0, resumed = false, on }) {
+    this.on = on;
+    this.resumeGrace = resumeGrace;
+    this.resumed = resumed;  // opened after a reload: no first-token time to measure
+    this.streamId = null;
+    this.lastEventId = resumed ? new URL(url, location.href).searchParams.get("resume") : null;
+    this.heardFromServer = resumed;
+    this.finished = false;
+    this.droppedAt = null;
+    this.retryTimer = null;
+    // Speed: first token time from opening to the first update; tokens/s over the updates.
+    this.openedAt = performance.now();
+    this.firstUpdateAt = null;
+    this.lastUpdateAt = null;
+    this.updates = 0;
+    this.open(url);
+  }
+
+  open(url) {
+    const source = new EventSource(url);
+    this.source = source;
+    source.addEventListener("meta", (e) => {
+      this.heard(e);
+      let meta = {};
+      try { meta = JSON.parse(e.data); } catch (_) { /* keep {} */ }
+      if (meta.stream) this.streamId = meta.stream;
+      this.on.meta(meta);
+      this.on.progress();
+    });
+    source.addEventListener("update", (e) => {
+      this.heard(e);
+      if (e.data === END_MARKER) {
+        this.finish({ kind: "end" });
+        return;
+      }
+      const now = performance.now();
+      if (this.firstUpdateAt === null) this.firstUpdateAt = now;
+      this.lastUpdateAt = now;
+      this.updates += 1;
+      this.on.update(e.data);
+      this.on.progress();
+    });
+    source.addEventListener("reasoning", (e) => {
+      this.heard(e);
+      this.on.reasoning(e.data);
+      this.on.progress();
+    });
+    source.addEventListener("error", (e) => {
+      if (source !== this.source || this.finished) return;
+      if (e.data !== undefined) {  // the server's own error event; its end frame follows
+        let error = {};
+        try { error = JSON.parse(e.data); } catch (_) { /* keep {} */ }
+        this.finish({ kind: "error", code: error.code || "error", message: error.message || "The answer failed." });
+        return;
+      }
+      // A connection error. Close now: left open, the EventSource would ask again by itself.
+      const refused = source.readyState === EventSource.CLOSED;  // a non-200 answer, or not SSE
+      source.close();
+      if (!this.heardFromServer) {
+        this.finish({ kind: refused ? "refused" : "unreachable" });
+      } else if (this.canResume()) {
+        this.resumeSoon();
+      } else {
+        this.finish({ kind: "lost" });
+      }
+    });
+  }
+
+  heard(e) {
+    this.heardFromServer = true;
+    this.droppedAt = null;
+    if (e.lastEventId) this.lastEventId = e.lastEventId;
+  }
+
+  canResume() {
+    if (this.resumeGrace <= 0 || !this.lastEventId) return false;
+    if (this.droppedAt === null) this.droppedAt = performance.now();
+    return performance.now() - this.droppedAt < this.resumeGrace * 1000;
+  }
+
+  resumeSoon() {
+    this.on.reconnecting();
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = null;
+      if (!this.finished) this.open("/ask?resume=" + encodeURIComponent(this.lastEventId));
+    }, 1000);
+  }
+
+  // Stop: close at once, and tell the server to abort the generation (closing alone would only
+  // do that once the server notices the closed connection).
+  stop() {
+    if (this.finished) return;
+    if (this.streamId) {
+      fetch("/stop?stream=" + encodeURIComponent(this.streamId), { method: "POST", keepalive: true })
+        .catch(() => { /* the closed connection aborts it anyway */ });
+    }
+    this.finish({ kind: "stopped" });
+  }
+
+  finish(outcome) {
+    if (this.finished) return;
+    this.finished = true;
+    this.source.close();
+    clearTimeout(this.retryTimer);
+    this.on.done(outcome);
+  }
+
+  // "first token 312 ms · 24.5 tok/s", or "" before there is anything to measure.
+  metrics() {
+    const parts = [];
+    if (!this.resumed && this.firstUpdateAt !== null) {
+      parts.push(`first token ${Math.round(this.firstUpdateAt - this.openedAt)} ms`);
+    }
+    const seconds = (this.lastUpdateAt - this.firstUpdateAt) / 1000;
+    if (this.updates > 1 && seconds > 0) parts.push(`${(this.updates / seconds).toFixed(1)} tok/s`);
+    return parts.join(" · ");
+  }
+}

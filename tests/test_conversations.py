@@ -1,0 +1,129 @@
+"""Follow-up questions keep their context: the store's bounds, and conversations over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tornado_sse.conversations import CUT_OFF_NOTE, ConversationStore, Turn
+from tornado_sse.demo import FakeUpstream, Script
+
+from .sseclient import ask, open_raw, read_until
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def store(clock: Clock | None = None, **bounds: int) -> ConversationStore:
+    limits = {"max_turns": 3, "max_chars": 1000, "ttl": 60, "max_conversations": 3, **bounds}
+    return ConversationStore(**limits, clock=clock or Clock())
+
+
+def test_a_new_conversation_gets_an_unguessable_id_and_an_unknown_one_restarts() -> None:
+    s = store()
+    first, restarted = s.open(None)
+    assert not restarted and len(first.id) >= 21
+    again, restarted = s.open(first.id)
+    assert again is first and not restarted
+    other, restarted = s.open("made-up")
+    assert other is not first and restarted and other.id != "made-up"
+
+
+def test_messages_carry_the_turns_then_the_question_and_mark_cut_off_answers() -> None:
+    s = store()
+    c, _ = s.open(None)
+    s.record(c, Turn("q1", "a1"))
+    s.record(c, Turn("q2", "half an ans", cut_off=True))
+    assert c.messages("q3") == [
+        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "half an ans" + CUT_OFF_NOTE},
+        {"role": "user", "content": "q3"}]
+
+
+def test_the_oldest_turns_go_first_past_the_turn_and_character_bounds() -> None:
+    s = store(max_turns=2, max_chars=30)
+    c, _ = s.open(None)
+    for i in range(3):
+        s.record(c, Turn(f"q{i}", f"a{i}"))
+    assert [t.question for t in c.turns] == ["q1", "q2"]
+    s.record(c, Turn("long" * 5, "x" * 9))  # 29 characters: alone it fits, with q2 it does not
+    assert [t.question for t in c.turns] == ["long" * 5]
+
+
+def test_idle_conversations_expire_and_the_least_recently_used_are_evicted() -> None:
+    clock = Clock()
+    s = store(clock)
+    a, _ = s.open(None)
+    clock.now += 30
+    b, _ = s.open(None)
+    clock.now += 31  # a is idle for 61 s, b for 31 s
+    assert s.open(a.id)[1] is True and s.open(b.id) == (b, False)
+    c, _ = s.open(None)
+    d, _ = s.open(None)
+    s.open(b.id)  # b is used again: the least recently used is now the one from open(a.id)
+    e, _ = s.open(None)
+    assert len(s) == 3 and s.open(b.id)[0] is b and s.open(d.id)[0] is d
+
+
+pytestmark_http = pytest.mark.gen_test
+
+
+@pytestmark_http
+async def test_a_follow_up_sends_the_earlier_turns_to_the_model(base_url, fake: FakeUpstream):
+    fake.script = Script(deltas=["Paris", " is the capital."])
+    first = await ask(base_url, "question=Capital%20of%20France%3F")
+    conversation = first.meta["conversation"]
+    fake.script = Script(deltas=["About 2 million."])
+    second = await ask(base_url, f"question=Its%20population%3F&conversation={conversation}")
+    assert second.meta["conversation"] == conversation and second.meta["restarted"] is False
+    assert fake.requests[1]["messages"] == [
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris is the capital."},
+        {"role": "user", "content": "Its population?"}]
+
+
+@pytestmark_http
+async def test_an_unknown_conversation_starts_a_new_one_and_says_so(base_url, fake):
+    fake.script = Script(deltas=["ok"])
+    answer = await ask(base_url, "question=q&conversation=expired-or-made-up")
+    assert answer.meta["restarted"] is True and answer.meta["conversation"] != "expired-or-made-up"
+    assert fake.requests[0]["messages"] == [{"role": "user", "content": "q"}]
+
+
+@pytestmark_http
+async def test_each_question_without_a_conversation_starts_afresh(base_url, fake):
+    fake.script = Script(deltas=["ok"])
+    one = await ask(base_url, "question=a")
+    two = await ask(base_url, "question=b")
+    assert one.meta["conversation"] != two.meta["conversation"]
+    assert one.meta["stream"] != two.meta["stream"]
+    assert fake.requests[1]["messages"] == [{"role": "user", "content": "b"}]
+
+
+@pytestmark_http
+async def test_an_aborted_answer_is_kept_as_far_as_it_got_and_marked_cut_off(port, base_url, fake):
+    fake.script = Script(deltas=["first part", " never sent"], token_delay=5)
+    reader, writer = await open_raw(port, "/ask?question=q1")
+    raw = await read_until(reader, b"data: first part")
+    conversation = json.loads(raw.split(b"event: meta\ndata: ", 1)[1].split(b"\n", 1)[0])["conversation"]
+    writer.close()
+    await asyncio.sleep(0.1)
+    fake.script = Script(deltas=["ok"])
+    await ask(base_url, f"question=q2&conversation={conversation}")
+    assert fake.requests[1]["messages"][1] == {"role": "assistant", "content": "first part" + CUT_OFF_NOTE}
+
+
+@pytestmark_http
+async def test_a_failed_answer_before_any_text_is_not_kept(base_url, fake):
+    fake.script = Script(fail="status", status=500)
+    first = await ask(base_url, "question=q1")
+    fake.script = Script(deltas=["ok"])
+    await ask(base_url, f"question=q2&conversation={first.meta['conversation']}")
+    assert fake.requests[1]["messages"] == [{"role": "user", "content": "q2"}]
