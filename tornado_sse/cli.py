@@ -25,6 +25,7 @@ from .backend import Backend, OpenAIBackend
 from .demo import FakeUpstream, Script
 from .settings import BACKENDS, LOG_LEVELS, Settings, SettingsError
 from .streams import StreamRegistry
+from .systemd import Notifier
 
 log = logging.getLogger("tornado_sse")
 
@@ -59,6 +60,8 @@ FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--first-token-timeout", float, "seconds to wait for the first token"),
     ("--idle-timeout", float, "longest silence between tokens, in seconds"),
     ("--max-retries", int, "retries of a failed upstream request, only before its answer starts"),
+    ("--upstream-transport", str, "fast: a lean HTTP/1.1 keep-alive transport; httpx: httpx's own "
+     "(for proxies from the environment)"),
     ("--keepalive", float, "seconds between ': ping' comments on a silent stream"),
     ("--send-timeout", float, "seconds a frame may wait for a slow reader before it is dropped"),
     ("--max-streams", int, "open streams at most; more get 503"),
@@ -168,11 +171,16 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # READY only once SIGTERM drains: systemd may stop us the moment it reads it.
+    notifier = Notifier.from_environ(os.environ)
+    notifier.notify("READY=1", f"STATUS=listening on {scheme}://{settings.host}:{port}/")
+    notifier.start_watchdog()
     await stop.wait()
 
     registry: StreamRegistry = app.settings["registry"]
     log.info("draining: %d open streams get up to %gs to finish", registry.running, settings.drain_timeout)
     registry.draining = True
+    notifier.notify("STOPPING=1", f"STATUS=draining {registry.running} open streams")
     server.stop()
     await _wait(lambda: registry.running == 0, settings.drain_timeout)
     if registry.running:
@@ -181,6 +189,7 @@ async def serve(settings: Settings) -> None:
         await _wait(lambda: registry.running == 0, SHUTDOWN_GRACE)
     await server.close_all_connections()
     await backend.close()
+    notifier.stop_watchdog()
 
 
 async def _wait(done: Callable[[], bool], timeout: float) -> None:

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import tornado.web
 from tornado.http1connection import HTTP1Connection
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
 from . import sse
 from .backend import Backend
@@ -201,6 +201,7 @@ class AskHandler(BaseHandler):
         self.socket: IOStream | None = None
         self.closed: asyncio.Future[None] | None = None
         self.active = False  # a frame went out since the keep-alive last looked
+        self.streaming = False  # the response headers are out
 
     async def get(self) -> None:
         self.check_access()
@@ -241,6 +242,7 @@ class AskHandler(BaseHandler):
         if stream.done:
             self.finish()
             return
+        self.streaming = True
         self.flush()
         await self.follow()
 
@@ -265,26 +267,54 @@ class AskHandler(BaseHandler):
             await asyncio.sleep(self.config.keepalive)
             if self.active:
                 self.active = False
-            elif not self._finished:
-                self.write(sse.PING)
-                self.flush()
+            elif self.streaming and not self._finished:
+                self.write_chunk(sse.PING)
 
     # -- Listener: what the Stream calls ---------------------------------------------------------
 
     async def send(self, frame: bytes) -> None:
         """Write a frame now. Only a congested socket makes us wait, at most --send-timeout."""
-        assert self.socket is not None
-        if self.socket.closed():
-            self.lost()
-            return
-        self.write(frame)
+        socket = self.socket
+        assert socket is not None
         self.active = True
-        flushed = self.flush()
-        if self.socket.writing():  # the kernel buffer is full: this reader is behind
+        written: asyncio.Future[None] | None
+        if not self.streaming:  # the first frame goes out with the response headers
+            self.streaming = True
+            self.write(frame)
+            written = self.flush()
+        else:
+            written = self.write_chunk(frame)
+        if written is not None and socket.writing():  # the kernel buffer is full: a slow reader
             try:
-                await asyncio.wait_for(flushed, self.config.send_timeout)
+                await asyncio.wait_for(written, self.config.send_timeout)
             except (StreamClosedError, TimeoutError):
                 self.lost()
+
+    def write_chunk(self, frame: bytes) -> asyncio.Future[None] | None:
+        """One chunk of the chunked response, straight to the socket when nothing is queued.
+
+        The per-token path: one send() call, no futures or callbacks, which is most of what
+        RequestHandler.flush would cost. Whatever the kernel does not take, and anything on TLS,
+        goes through the IOStream, which keeps the order.
+        """
+        socket = self.socket
+        assert socket is not None
+        if socket.closed():
+            self.lost()
+            return None
+        data = b"%x\r\n%b\r\n" % (len(frame), frame)
+        if not socket.writing() and not isinstance(socket, SSLIOStream):
+            try:
+                sent = socket.socket.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.lost()
+                return None
+            if sent == len(data):
+                return None
+            data = data[sent:]
+        return socket.write(data)
 
     def end(self) -> None:
         if not self._finished:

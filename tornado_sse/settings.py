@@ -32,6 +32,7 @@ class Settings:
     first_token_timeout: float = 180.0
     idle_timeout: float = 60.0
     max_retries: int = 2
+    upstream_transport: Literal["fast", "httpx"] = "fast"
     # The browser side
     keepalive: float = 15.0
     send_timeout: float = 30.0
@@ -68,6 +69,8 @@ class Settings:
         _check(self.idle_timeout > 0, "idle_timeout", self.idle_timeout, "seconds > 0")
         _check(self.max_retries >= 0, "max_retries", self.max_retries, "a whole number >= 0")
         _check(bool(self.model.strip()), "model", self.model, "a model name")
+        _check(self.upstream_transport in ("fast", "httpx"), "upstream_transport",
+               self.upstream_transport, "fast|httpx")
         _check(self.keepalive > 0, "keepalive", self.keepalive, "seconds > 0")
         _check(self.send_timeout > 0, "send_timeout", self.send_timeout, "seconds > 0")
         _check(self.max_streams >= 1, "max_streams", self.max_streams, "a whole number >= 1")
