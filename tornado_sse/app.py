@@ -3,7 +3,6 @@ are, and the access log. make_server(app, settings): the HTTP server with its li
 
 from __future__ import annotations
 
-import logging
 import site
 import ssl
 import sys
@@ -15,12 +14,12 @@ import tornado.web
 from .backend import Backend
 from .conversations import ConversationStore
 from .guard import RateLimiter
-from .handlers import (AskHandler, HealthHandler, NotFoundHandler, PageHandler, SignInHandler,
-                       StopHandler)
+from .handlers import (AskHandler, HealthHandler, MetricsHandler, NotFoundHandler, PageHandler,
+                       SignInHandler, StopHandler)
+from .logs import StreamSummary, log_request
+from .metrics import Metrics
 from .settings import Settings
 from .streams import StreamRegistry
-
-access_log = logging.getLogger("tornado_sse.access")
 
 MAX_HEADER_BYTES = 1024 * 1024  # a 100 KB URL still gets a clean 413 instead of a dropped socket
 MAX_BODY_BYTES = 64 * 1024  # only the sign-in form has a body
@@ -39,15 +38,6 @@ def asset_dir(name: str) -> Path:
     raise FileNotFoundError(f"{name}/ not found in any of: {', '.join(map(str, candidates))}")
 
 
-def log_request(handler: tornado.web.RequestHandler) -> None:
-    """The access log line: the path without its query string, which holds the question."""
-    status = handler.get_status()
-    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    request = handler.request
-    access_log.log(level, "%d %s %s %s %.1fms", status, request.method, request.path,
-                   request.remote_ip, 1000.0 * request.request_time())
-
-
 def make_app(settings: Settings, backend: Backend) -> tornado.web.Application:
     """The Application owns the stream registry (`app.settings["registry"]`): open streams, their
     conversations, and the count the limits and the shutdown use."""
@@ -57,11 +47,14 @@ def make_app(settings: Settings, backend: Backend) -> tornado.web.Application:
     registry = StreamRegistry(backend, conversations, max_streams=settings.max_streams,
                               resume_grace=settings.resume_grace, resume_buffer=settings.resume_buffer)
     limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
+    metrics = Metrics(registry)
+    registry.on_finish.append(StreamSummary(settings.log_content))
     common = {"settings": settings}
     return tornado.web.Application(
         [
             (r"/", PageHandler, {**common, "backend": backend}),
-            (r"/ask", AskHandler, {**common, "registry": registry, "limiter": limiter}),
+            (r"/ask", AskHandler, {**common, "registry": registry, "limiter": limiter, "metrics": metrics}),
+            (r"/metrics", MetricsHandler, {**common, "metrics": metrics}),
             (r"/stop", StopHandler, {**common, "registry": registry}),
             (r"/login", SignInHandler, {**common, "limiter": limiter}),
             (r"/healthz", HealthHandler, {**common, "registry": registry}),

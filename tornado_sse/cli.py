@@ -20,6 +20,7 @@ from typing import Any
 
 import tornado.netutil
 
+from . import logs
 from .app import make_app, make_server
 from .backend import Backend, OpenAIBackend
 from .demo import FakeUpstream, Script
@@ -83,6 +84,9 @@ FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--conversation-ttl", float, "seconds an idle conversation is kept"),
     ("--max-conversations", int, "conversations kept in memory (least recently used go first)"),
     ("--log-level", str, "one of " + "|".join(LOG_LEVELS)),
+    ("--log-format", str, "text, or json: one JSON object per line (journald, log shippers)"),
+    ("--log-content", _bool, "also log each question and answer (off: they are never logged)"),
+    ("--public-metrics", _bool, "serve /metrics to every address, not just loopback"),
 ]
 
 
@@ -207,9 +211,7 @@ def _is_loopback(host: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv, os.environ)
-    logging.basicConfig(level=settings.log_level_number, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per upstream request
+    logs.configure(settings.log_level_number, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except StartupError as exc:

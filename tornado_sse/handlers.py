@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import re
@@ -14,6 +15,7 @@ from types import TracebackType
 from typing import Any, cast
 
 import tornado.web
+from prometheus_client import CONTENT_TYPE_LATEST
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
@@ -21,6 +23,7 @@ from . import sse
 from .backend import Backend
 from .guard import COOKIE, RateLimiter, cross_site, secret_equals, session_value, token_matches
 from .settings import Settings
+from .metrics import Metrics
 from .streams import Stream, StreamRegistry
 
 log = logging.getLogger(__name__)
@@ -168,6 +171,30 @@ class HealthHandler(BaseHandler):
                      "backend": backend.name, "model": backend.model})
 
 
+class MetricsHandler(BaseHandler):
+    """GET /metrics in Prometheus' text format; from loopback only unless --public-metrics."""
+
+    def initialize(self, settings: Settings, metrics: Metrics) -> None:  # type: ignore[override]
+        super().initialize(settings)
+        self.metrics = metrics
+
+    def get(self) -> None:
+        # The socket's own peer, not a proxy header: X-Forwarded-For must not open this.
+        peer = cast(HTTP1Connection, self.request.connection).stream.socket.getpeername()
+        if not self.config.public_metrics and not _is_loopback(peer[0] if isinstance(peer, tuple) else ""):
+            raise ClientError(403, "forbidden", "Metrics are served to this machine only "
+                              "(start with --public-metrics to change that).")
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(self.metrics.exposition())
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 class StopHandler(BaseHandler):
     """POST /stop?stream=ID: the reader pressed Stop; abort now, whatever the resume grace."""
 
@@ -193,10 +220,11 @@ class AskHandler(BaseHandler):
     """
 
     def initialize(self, settings: Settings, registry: StreamRegistry,  # type: ignore[override]
-                   limiter: RateLimiter) -> None:
+                   limiter: RateLimiter, metrics: Metrics) -> None:
         super().initialize(settings)
         self.registry = registry
         self.limiter = limiter
+        self.metrics = metrics
         self.stream: Stream | None = None
         self.socket: IOStream | None = None
         self.closed: asyncio.Future[None] | None = None
@@ -224,7 +252,7 @@ class AskHandler(BaseHandler):
                               f"wait {math.ceil(wait)} s.", {"Retry-After": str(math.ceil(wait))})
         conversation, restarted = self.registry.conversations.open(self.query("conversation"))
         self.start_event_stream()
-        self.stream = self.registry.start(conversation, question, restarted)
+        self.stream = self.registry.start(conversation, question, restarted, self.client)
         self.stream.attach(self)
         await self.follow()
 
@@ -245,6 +273,11 @@ class AskHandler(BaseHandler):
         self.streaming = True
         self.flush()
         await self.follow()
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        self.metrics.rejected.labels(exc.code if isinstance(exc, ClientError) else str(status_code)).inc()
+        super().write_error(status_code, **kwargs)
 
     def start_event_stream(self) -> None:
         self.set_header("Content-Type", "text/event-stream")

@@ -27,6 +27,9 @@ class Settings:
     backend: BackendName = "auto"
     max_question_chars: int = 4000
     log_level: str = "info"
+    log_format: str = "text"
+    log_content: bool = False
+    public_metrics: bool = False
     # The upstream
     connect_timeout: float = 10.0
     first_token_timeout: float = 180.0
@@ -64,6 +67,7 @@ class Settings:
         _check(self.max_tokens >= 1, "max_tokens", self.max_tokens, "a whole number >= 1")
         _check(self.max_question_chars >= 1, "max_question_chars", self.max_question_chars, ">= 1")
         _check(self.log_level in LOG_LEVELS, "log_level", self.log_level, "|".join(LOG_LEVELS))
+        _check(self.log_format in ("text", "json"), "log_format", self.log_format, "text|json")
         _check(self.connect_timeout > 0, "connect_timeout", self.connect_timeout, "seconds > 0")
         _check(self.first_token_timeout > 0, "first_token_timeout", self.first_token_timeout, "seconds > 0")
         _check(self.idle_timeout > 0, "idle_timeout", self.idle_timeout, "seconds > 0")

@@ -49,7 +49,13 @@ class Stream:
         self.answer: list[str] = []
         self.done = False  # the end frame has been emitted
         self.outcome = "aborted"
+        self.error: BaseException | None = None
         self.stop_failure: Failure | None = None
+        self.client = ""
+        loop = asyncio.get_running_loop()
+        self.started_at = loop.time()
+        self.first_token_at: float | None = None
+        self.finished_at = self.started_at
         self.task: asyncio.Task[None] | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
 
@@ -64,6 +70,8 @@ class Stream:
             try:
                 async for event, text in upstream:
                     if event == "update":
+                        if not self.answer:
+                            self.first_token_at = asyncio.get_running_loop().time()
                         self.answer.append(text)
                         for part in sse.update_parts(text):
                             await self.emit("update", part)
@@ -75,6 +83,7 @@ class Stream:
                 failure = self.stop_failure
             except Exception as exc:
                 failure = describe(exc)
+                self.error = exc
                 log.warning("stream %s failed (%s): %s: %s", self.id, failure.code,
                             type(exc).__name__, exc, exc_info=failure.code == "internal_error")
         finally:
@@ -157,14 +166,17 @@ class StreamRegistry:
         self.streams: dict[str, Stream] = {}
         self.running = 0
         self.draining = False
+        self.on_start: list[Callable[[Stream], None]] = []
         self.on_finish: list[Callable[[Stream], None]] = []
 
     @property
     def full(self) -> bool:
         return self.running >= self.max_streams
 
-    def start(self, conversation: Conversation, question: str, restarted: bool) -> Stream:
+    def start(self, conversation: Conversation, question: str, restarted: bool,
+              client: str = "") -> Stream:
         stream = Stream(self, conversation, question)
+        stream.client = client
         self.streams[stream.id] = stream
         self.running += 1
         stream.task = asyncio.ensure_future(
@@ -172,6 +184,8 @@ class StreamRegistry:
         # A done callback, not a `finally`: a task cancelled before its first step never runs its
         # coroutine, and its slot must be released all the same.
         stream.task.add_done_callback(lambda _: self._finished(stream))
+        for callback in self.on_start:
+            callback(stream)
         return stream
 
     def get(self, stream_id: str) -> Stream | None:
@@ -179,6 +193,7 @@ class StreamRegistry:
 
     def _finished(self, stream: Stream) -> None:
         self.running -= 1
+        stream.finished_at = asyncio.get_running_loop().time()
         if stream.answer or stream.outcome == "done":  # keep the turn, cut off or not
             self.conversations.record(stream.conversation, Turn(
                 stream.question, "".join(stream.answer), cut_off=stream.outcome != "done"))

@@ -1,0 +1,81 @@
+"""Logging: text or JSON lines, the access log without query strings, one summary per stream.
+
+The question sits in the query string, so no log line prints a URI; questions and answers are
+logged only with --log-content.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import tornado.web
+
+from .streams import Stream
+
+access_log = logging.getLogger("tornado_sse.access")
+stream_log = logging.getLogger("tornado_sse.stream")
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line, for journald and log shippers; extra fields ride along."""
+
+    _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure(level: int, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per upstream request
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """The access log line: the path without its query string, which holds the question."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    request = handler.request
+    duration = 1000.0 * request.request_time()
+    access_log.log(level, "%d %s %s %s %.1fms", status, request.method, request.path,
+                   request.remote_ip, duration,
+                   extra={"status": status, "method": request.method, "path": request.path,
+                          "client": request.remote_ip, "duration_ms": round(duration, 1)})
+
+
+class StreamSummary:
+    """The one line a stream leaves behind: id, outcome, tokens, time to first token, duration."""
+
+    def __init__(self, log_content: bool):
+        self.log_content = log_content
+
+    def __call__(self, stream: Stream) -> None:
+        ttft = None if stream.first_token_at is None else round(1000 * (stream.first_token_at - stream.started_at))
+        duration = round(1000 * (stream.finished_at - stream.started_at))
+        fields: dict[str, object] = {"stream": stream.id, "outcome": stream.outcome,
+                                     "tokens": len(stream.answer), "ttft_ms": ttft,
+                                     "duration_ms": duration, "client": stream.client}
+        if self.log_content:
+            fields["question"] = stream.question
+            fields["answer"] = "".join(stream.answer)
+        stream_log.info("stream %s %s tokens=%d ttft=%sms duration=%dms client=%s%s", stream.id,
+                        stream.outcome, len(stream.answer), ttft, duration, stream.client,
+                        f" question={stream.question!r} answer={''.join(stream.answer)!r}"
+                        if self.log_content else "", extra=fields)

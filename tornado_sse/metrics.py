@@ -1,0 +1,50 @@
+"""Prometheus metrics: what the streams did, counted once per stream and never per token."""
+
+from __future__ import annotations
+
+import openai
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .streams import Stream, StreamRegistry
+
+_SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+_TOKENS = (1, 10, 50, 100, 250, 500, 1000, 2000, 4000, 8000)
+
+
+class Metrics:
+    """One CollectorRegistry per Application, so several apps in one process (tests) never mix."""
+
+    def __init__(self, streams: StreamRegistry):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.started = Counter("tornado_sse_streams_started", "Streams started.", registry=r)
+        self.finished = Counter("tornado_sse_streams_finished", "Streams finished, by outcome "
+                                "(done, aborted by the client, or the error code).", ["outcome"], registry=r)
+        self.rejected = Counter("tornado_sse_requests_rejected", "Questions refused before a "
+                                "stream started, by code (busy, rate_limited, unauthorized, ...).",
+                                ["code"], registry=r)
+        self.upstream_errors = Counter("tornado_sse_upstream_errors", "Upstream failures, by HTTP "
+                                       "status (none: no HTTP answer).", ["status"], registry=r)
+        self.active = Gauge("tornado_sse_active_streams", "Streams generating now.", registry=r)
+        self.active.set_function(lambda: streams.running)
+        self.ttft = Histogram("tornado_sse_time_to_first_token_seconds", "From the request to the "
+                              "first answer token.", buckets=_SECONDS, registry=r)
+        self.duration = Histogram("tornado_sse_stream_duration_seconds", "From the request to the "
+                                  "end of the stream.", buckets=_SECONDS, registry=r)
+        self.tokens = Histogram("tornado_sse_stream_tokens", "Text deltas relayed per stream.",
+                                buckets=_TOKENS, registry=r)
+        streams.on_start.append(lambda _: self.started.inc())
+        streams.on_finish.append(self.stream_finished)
+
+    def stream_finished(self, stream: Stream) -> None:
+        self.finished.labels(stream.outcome).inc()
+        if stream.first_token_at is not None:
+            self.ttft.observe(stream.first_token_at - stream.started_at)
+        self.duration.observe(stream.finished_at - stream.started_at)
+        self.tokens.observe(len(stream.answer))
+        if stream.error is not None and stream.outcome.startswith("upstream"):
+            status = stream.error.status_code if isinstance(stream.error, openai.APIStatusError) else "none"
+            self.upstream_errors.labels(str(status)).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
