@@ -1,0 +1,138 @@
+"""The lean upstream transport: HTTP/1.1 framing, keep-alive, and the httpx fallback."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx2
+import pytest
+
+from tornado_sse.demo import Script
+from tornado_sse.transport import FastTransport, _Connection
+
+from .conftest import with_settings
+from .sseclient import ask
+
+pytestmark = pytest.mark.gen_test
+
+
+class FakeTransport(asyncio.Transport):
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+async def decode_chunked(wire: bytes, cuts: list[int]) -> bytes:
+    conn = _Connection()
+    conn.connection_made(FakeTransport())
+    out = bytearray()
+
+    async def feed() -> None:
+        start = 0
+        for end in [*cuts, len(wire)]:
+            conn.data_received(wire[start:end])
+            start = end
+            await asyncio.sleep(0)
+
+    feeder = asyncio.ensure_future(feed())
+    async for piece in conn.read_chunked():
+        out += piece
+    await feeder
+    return bytes(out)
+
+
+WIRE = b"5\r\nhello\r\n1;ext=1\r\n \r\nB\r\nworld\r\n\r\n!!\r\n0\r\nTrailer: x\r\n\r\n"
+
+
+async def test_chunked_bodies_decode_at_every_split():
+    assert await decode_chunked(WIRE, []) == b"hello world\r\n\r\n!!"
+    for i in range(1, len(WIRE)):
+        for j in range(i, len(WIRE), 3):
+            assert await decode_chunked(WIRE, [i, j]) == b"hello world\r\n\r\n!!", (i, j)
+
+
+@pytest.mark.parametrize("wire", [b"zz\r\nab\r\n0\r\n\r\n", b"-1\r\nab\r\n0\r\n\r\n", b"2\r\nabXX0\r\n\r\n"])
+async def test_a_malformed_chunked_body_is_a_protocol_error(wire):
+    with pytest.raises(httpx2.RemoteProtocolError):
+        await decode_chunked(wire, [])
+
+
+class CountingServer:
+    """A bare HTTP/1.1 server that answers each request with `responses`, counting connections."""
+
+    def __init__(self, responses: list[bytes], close_after_each: bool = False):
+        self.responses, self.close_after_each = responses, close_after_each
+        self.connections = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        while self.responses:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(self.responses.pop(0))
+            await writer.drain()
+            if self.close_after_each:
+                break
+        writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+
+
+async def test_a_finished_response_leaves_its_connection_for_the_next_request():
+    server = CountingServer([OK, CHUNKED, OK])
+    async with server as url, httpx2.AsyncClient(transport=FastTransport(connect_timeout=2)) as client:
+        bodies = [(await client.get(url + "/")).content for _ in range(3)]
+    assert bodies == [b"ok", b"hi", b"ok"] and server.connections == 1
+
+
+async def test_connection_close_and_http10_answers_are_not_reused():
+    server = CountingServer([b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+                             b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                             b"HTTP/1.0 200 OK\r\n\r\nuntil close"], close_after_each=True)
+    async with server as url, httpx2.AsyncClient(transport=FastTransport(connect_timeout=2)) as client:
+        bodies = [(await client.get(url + "/")).content for _ in range(3)]
+    assert bodies == [b"ok", b"ok", b"until close"] and server.connections == 3
+
+
+async def test_a_kept_alive_connection_the_server_closed_is_retried_on_a_fresh_one():
+    server = CountingServer([OK, OK], close_after_each=True)  # closes although it said keep-alive
+    async with server as url, httpx2.AsyncClient(transport=FastTransport(connect_timeout=2)) as client:
+        first = await client.get(url + "/")
+        await asyncio.sleep(0.05)
+        second = await client.get(url + "/")
+    assert (first.content, second.content) == (b"ok", b"ok") and server.connections == 2
+
+
+async def test_connection_refused_is_httpxs_connect_error():
+    async with httpx2.AsyncClient(transport=FastTransport(connect_timeout=2)) as client:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        server.close()
+        await server.wait_closed()
+        with pytest.raises(httpx2.ConnectError):
+            await client.get(f"http://127.0.0.1:{port}/")
+
+
+@pytest.fixture
+def settings(request: pytest.FixtureRequest, settings):
+    return with_settings(settings, **getattr(request, "param", {}))
+
+
+@pytest.mark.parametrize("settings", [{"upstream_transport": "httpx"}], indirect=True)
+async def test_httpxs_own_transport_streams_the_same(base_url, fake):
+    fake.script = Script(deltas=["a\nb", " \u00e9"], fail=None)
+    answer = await ask(base_url, "question=q")
+    assert answer.text == "a\nb \u00e9" and not answer.errors
+    fake.script = Script(deltas=["x", "y"], fail="truncate", fail_after=1)
+    cut = await ask(base_url, "question=q")
+    assert cut.text == "x" and '"upstream_incomplete"' in cut.errors[0]
