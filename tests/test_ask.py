@@ -13,7 +13,7 @@ from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.settings import Settings
 
 from .conftest import API_KEY
-from .sseclient import ask, open_raw, parse_events, read_until
+from .sseclient import ask, open_raw, read_until
 
 END = ("update", "<END_STREAMING_SSE>")
 pytestmark = pytest.mark.gen_test

@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import ssl
 import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
-import tornado.web
 
 from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.settings import Settings

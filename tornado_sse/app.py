@@ -14,8 +14,9 @@ import tornado.web
 from .backend import Backend
 from .conversations import ConversationStore
 from .guard import RateLimiter
-from .handlers import (AskHandler, HealthHandler, MetricsHandler, NotFoundHandler, PageHandler,
-                       SignInHandler, StopHandler)
+from .ask import AskHandler
+from .handlers import (HealthHandler, MetricsHandler, NotFoundHandler, PageHandler, SignInHandler,
+                       StopHandler)
 from .logs import StreamSummary, log_request
 from .metrics import Metrics
 from .settings import Settings

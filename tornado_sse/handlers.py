@@ -1,40 +1,28 @@
-"""The HTTP edge: the page and its sign-in, /ask (the SSE endpoint), /stop and /healthz.
-
-    browser -> AskHandler -> StreamRegistry.start -> Stream.run: backend.stream(messages)
-            <- AskHandler.send(frame) <- Stream.emit: sse.encode_event(...)
-"""
+"""The HTTP edge, except /ask (ask.py): the page and its sign-in, /stop, /healthz, /metrics, and
+what every handler shares: security headers, JSON errors, a log line without the query string."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
-import math
-import re
 from types import TracebackType
 from typing import Any, cast
 
 import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST
 from tornado.http1connection import HTTP1Connection
-from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
-from . import sse
 from .backend import Backend
 from .guard import COOKIE, RateLimiter, cross_site, secret_equals, session_value, token_matches
 from .settings import Settings
 from .metrics import Metrics
-from .streams import Stream, StreamRegistry
+from .streams import StreamRegistry
 
 log = logging.getLogger(__name__)
 
-# C0 controls other than tab, LF and CR: nothing a person types, and NUL breaks some upstreams.
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
             "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; "
             "frame-ancestors 'none'")
-STREAM_GONE = ("stream_gone", "The answer was cut off: the connection was lost and the rest of it "
-               "is no longer available. Ask again to get a new answer.")
 
 
 class ClientError(tornado.web.HTTPError):
@@ -209,179 +197,3 @@ class StopHandler(BaseHandler):
             raise ClientError(404, "unknown_stream", "There is no such answer being written.")
         stream.abort()
         self.set_status(204)
-
-
-class AskHandler(BaseHandler):
-    """GET /ask: one answer as Server-Sent Events; it always ends with the end frame.
-
-    The generation runs in its Stream's own task; this handler is only its current reader. When
-    the browser leaves, `on_connection_close` detaches it, which aborts the generation (at once,
-    or after `--resume-grace`), closing the upstream response.
-    """
-
-    def initialize(self, settings: Settings, registry: StreamRegistry,  # type: ignore[override]
-                   limiter: RateLimiter, metrics: Metrics) -> None:
-        super().initialize(settings)
-        self.registry = registry
-        self.limiter = limiter
-        self.metrics = metrics
-        self.stream: Stream | None = None
-        self.socket: IOStream | None = None
-        self.closed: asyncio.Future[None] | None = None
-        self.active = False  # a frame went out since the keep-alive last looked
-        self.streaming = False  # the response headers are out
-
-    async def get(self) -> None:
-        self.check_access()
-        last_event_id = self.request.headers.get("Last-Event-ID")
-        if last_event_id is None:
-            last_event_id = self.query("resume")
-        if last_event_id is not None:  # even empty: a reconnect is never a new question
-            await self.resume(last_event_id)  # a reconnect never starts a second generation
-            return
-        question = self.question()
-        if self.registry.draining:
-            raise ClientError(503, "shutting_down", "The server is restarting. Please ask again "
-                              "in a moment.", {"Retry-After": "5"})
-        if self.registry.full:
-            raise ClientError(503, "busy", "The server is answering as many questions as it can. "
-                              "Please try again shortly.", {"Retry-After": "5"})
-        wait = self.limiter.take(self.client)
-        if wait:
-            raise ClientError(429, "rate_limited", "Too many questions from your address. Please "
-                              f"wait {math.ceil(wait)} s.", {"Retry-After": str(math.ceil(wait))})
-        conversation, restarted = self.registry.conversations.open(self.query("conversation"))
-        self.start_event_stream()
-        self.stream = self.registry.start(conversation, question, restarted, self.client)
-        self.stream.attach(self)
-        await self.follow()
-
-    async def resume(self, last_event_id: str) -> None:
-        parsed = sse.parse_event_id(last_event_id)
-        stream = self.registry.get(parsed[0]) if parsed else None
-        self.start_event_stream()
-        backlog = stream.attach(self, after=parsed[1]) if stream and parsed else None
-        if stream is None or backlog is None:
-            self.write(sse.encode_error(*STREAM_GONE) + sse.encode_end())
-            self.finish()
-            return
-        self.stream = stream
-        self.write(b"".join(backlog))
-        if stream.done:
-            self.finish()
-            return
-        self.streaming = True
-        self.flush()
-        await self.follow()
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        self.metrics.rejected.labels(exc.code if isinstance(exc, ClientError) else str(status_code)).inc()
-        super().write_error(status_code, **kwargs)
-
-    def start_event_stream(self) -> None:
-        self.set_header("Content-Type", "text/event-stream")
-        self.set_header("Cache-Control", "no-cache")
-        self.set_header("X-Accel-Buffering", "no")
-        self.socket = cast(HTTP1Connection, self.request.connection).stream
-        self.closed = asyncio.get_running_loop().create_future()
-
-    async def follow(self) -> None:
-        """Wait while the stream writes to us; ping while it is silent."""
-        assert self.closed is not None
-        pinger = asyncio.ensure_future(self.keepalive())
-        try:
-            await self.closed
-        finally:
-            pinger.cancel()
-
-    async def keepalive(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.keepalive)
-            if self.active:
-                self.active = False
-            elif self.streaming and not self._finished:
-                self.write_chunk(sse.PING)
-
-    # -- Listener: what the Stream calls ---------------------------------------------------------
-
-    async def send(self, frame: bytes) -> None:
-        """Write a frame now. Only a congested socket makes us wait, at most --send-timeout."""
-        socket = self.socket
-        assert socket is not None
-        self.active = True
-        written: asyncio.Future[None] | None
-        if not self.streaming:  # the first frame goes out with the response headers
-            self.streaming = True
-            self.write(frame)
-            written = self.flush()
-        else:
-            written = self.write_chunk(frame)
-        if written is not None and socket.writing():  # the kernel buffer is full: a slow reader
-            try:
-                await asyncio.wait_for(written, self.config.send_timeout)
-            except (StreamClosedError, TimeoutError):
-                self.lost()
-
-    def write_chunk(self, frame: bytes) -> asyncio.Future[None] | None:
-        """One chunk of the chunked response, straight to the socket when nothing is queued.
-
-        The per-token path: one send() call, no futures or callbacks, which is most of what
-        RequestHandler.flush would cost. Whatever the kernel does not take, and anything on TLS,
-        goes through the IOStream, which keeps the order.
-        """
-        socket = self.socket
-        assert socket is not None
-        if socket.closed():
-            self.lost()
-            return None
-        data = b"%x\r\n%b\r\n" % (len(frame), frame)
-        if not socket.writing() and not isinstance(socket, SSLIOStream):
-            try:
-                sent = socket.socket.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.lost()
-                return None
-            if sent == len(data):
-                return None
-            data = data[sent:]
-        return socket.write(data)
-
-    def end(self) -> None:
-        if not self._finished:
-            self.finish()
-        self._resolve()
-
-    def drop(self) -> None:
-        self.lost()
-
-    def lost(self) -> None:
-        """Gone or too slow: let the stream go on without us (or abort), close the socket."""
-        if self.stream is not None:
-            self.stream.detach(self)
-        if self.socket is not None and not self.socket.closed():
-            self.socket.close()
-        self._resolve()
-
-    def on_connection_close(self) -> None:
-        self.lost()
-
-    def _resolve(self) -> None:
-        if self.closed is not None and not self.closed.done():
-            self.closed.set_result(None)
-
-    def question(self) -> str:
-        question = (self.query("question") or "").strip()
-        if not question:
-            raise ClientError(400, "missing_question", "Ask a question: /ask?question=your+question")
-        limit = self.config.max_question_chars
-        if len(question) > limit:
-            raise ClientError(413, "question_too_long",
-                              f"The question is {len(question):,} characters long; "
-                              f"this server accepts at most {limit:,}.")
-        if _CONTROL_CHARS.search(question):
-            raise ClientError(400, "invalid_characters", "The question contains control characters "
-                              "(such as NUL) that cannot be sent to the model.")
-        return question
