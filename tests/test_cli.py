@@ -21,7 +21,7 @@ from tornado_sse.cli import parse_settings
 
 from .sseclient import parse_events
 
-FLAGS = ["--host", "--port", "--model", "--temperature", "--max-tokens", "--backend",
+FLAGS = ["--api", "--upstream-transport", "--log-format", "--log-content", "--public-metrics", "--host", "--port", "--model", "--temperature", "--max-tokens", "--backend",
          "--max-question-chars", "--log-level", "--connect-timeout", "--first-token-timeout",
          "--idle-timeout", "--max-retries", "--keepalive", "--send-timeout", "--max-streams",
          "--rate-limit", "--rate-burst", "--trust-proxy-headers", "--allowed-origins", "--access-token",
@@ -61,6 +61,13 @@ def test_an_invalid_flag_stops_with_one_clear_line(args: list[str], words: str) 
 def test_auto_uses_a_real_upstream_only_when_one_is_configured(environ: dict[str, str], backend: str) -> None:
     assert parse_settings([], environ).resolved_backend == backend
     assert parse_settings(["--backend", "demo"], {"OPENAI_API_KEY": "sk-x"}).resolved_backend == "demo"
+
+
+def test_api_responses_selects_the_responses_backend_in_demo_mode_too() -> None:
+    with running("--api", "responses") as (_, port, _lines):
+        events = parse_events(fetch(port, "/ask?question=Via%20Responses"))
+    assert events[-1] == ("update", "<END_STREAMING_SSE>")
+    assert "Via Responses" in "".join(d for e, d in events[1:-1])
 
 
 def test_the_api_key_is_not_in_the_settings_repr() -> None:
@@ -135,7 +142,7 @@ def test_openai_base_url_points_the_server_at_another_upstream() -> None:
         base_url = re.search(r"(http://\S+/v1)", upstream.stdout.readline()).group(1)  # type: ignore[union-attr]
         env = {**CLEAN_ENV, "OPENAI_BASE_URL": base_url}
         with running("--model", "llama3.2", env=env) as (_, port, lines):
-            assert any(f"backend: openai, model llama3.2 at {base_url}" in line for line in lines)
+            assert any(f"backend: openai, model llama3.2 at {base_url} (chat API)" in line for line in lines)
             events = parse_events(fetch(port, "/ask?question=hi"))
             assert "".join(d for e, d in events[1:-1]) == "tok0 tok1 tok2 tok3 tok4 "
     finally:

@@ -73,8 +73,8 @@ async def test_one_summary_line_per_stream_and_no_question_or_answer(base_url, f
     summaries = [r for r in caplog.records if r.name == "tornado_sse.stream"]
     assert len(summaries) == 1
     record = summaries[0]
-    assert record.stream == answer.meta["stream"] and record.outcome == "done"  # type: ignore[attr-defined]
-    assert record.tokens == 2 and record.ttft_ms is not None and record.client == "127.0.0.1"  # type: ignore[attr-defined]
+    assert record.stream == answer.meta["stream"] and record.outcome == "done"
+    assert record.tokens == 2 and record.ttft_ms is not None and record.client == "127.0.0.1"
     assert "private matter" not in caplog.text and "secret answer" not in caplog.text
 
 

@@ -24,7 +24,8 @@ from . import logs
 from .app import make_app, make_server
 from .backend import Backend, OpenAIBackend
 from .demo import FakeUpstream, Script
-from .settings import BACKENDS, LOG_LEVELS, Settings, SettingsError
+from .responses import ResponsesBackend
+from .settings import APIS, BACKENDS, LOG_LEVELS, Settings, SettingsError
 from .streams import StreamRegistry
 from .systemd import Notifier
 
@@ -53,6 +54,8 @@ FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--port", int, "port to listen on (0: any free port)"),
     ("--backend", str, "auto: openai when OPENAI_API_KEY or OPENAI_BASE_URL is set, else demo; "
      "one of " + "|".join(BACKENDS)),
+    ("--api", str, "chat: Chat Completions (every compatible server); responses: OpenAI's "
+     "Responses API; one of " + "|".join(APIS)),
     ("--model", str, "model name sent to the upstream"),
     ("--temperature", float, "sampling temperature"),
     ("--max-tokens", int, "longest answer, in tokens"),
@@ -135,11 +138,12 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
 
 def make_backend(settings: Settings) -> Backend:
     """The OpenAI-compatible backend; in demo mode it talks to the embedded demo upstream."""
+    kind: type[OpenAIBackend] = ResponsesBackend if settings.api == "responses" else OpenAIBackend
     if settings.resolved_backend == "openai":
-        return OpenAIBackend(settings)
+        return kind(settings)
     _, port = FakeUpstream(Script(first_token_delay=0.3, token_delay=0.03)).listen("127.0.0.1", 0)
     demo = dataclasses.replace(settings, model="demo", api_key=None)
-    return OpenAIBackend(demo, name="demo", base_url=f"http://127.0.0.1:{port}/v1")
+    return kind(demo, name="demo", base_url=f"http://127.0.0.1:{port}/v1")
 
 
 class StartupError(Exception):
@@ -163,8 +167,8 @@ async def serve(settings: Settings) -> None:
     if backend.name == "demo":
         log.info("backend: demo (set OPENAI_API_KEY or OPENAI_BASE_URL to use a real model)")
     else:
-        log.info("backend: openai, model %s at %s", backend.model,
-                 settings.base_url or "https://api.openai.com/v1")
+        log.info("backend: openai, model %s at %s (%s API)", backend.model,
+                 settings.base_url or "https://api.openai.com/v1", settings.api)
     if not _is_loopback(settings.host) and not settings.access_token:
         log.warning("listening on %s without --access-token: anyone who can reach this address "
                     "can spend the API key", settings.host)

@@ -1,8 +1,9 @@
 """An OpenAI-compatible streaming upstream: the demo backend, the tests' fake and the benchmarks'.
 
 It speaks the exact Chat Completions wire format (a role chunk, content chunks, a finish chunk,
-`data: [DONE]`), so the demo runs the same `openai` SDK path as production. A `Script` says what
-to send and how to fail; the upstream records every request and every client that went away.
+`data: [DONE]`), so the demo runs the same `openai` SDK path as production; `POST /v1/responses`
+speaks the Responses API's event stream the same way. A `Script` says what to send and how to
+fail; the upstream records every request and every client that went away.
 
     python -m tornado_sse.demo --port 9000 --tokens 200 --token-delay 0.02
 """
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import secrets
 import socket
 import time
 from dataclasses import dataclass, field
@@ -43,6 +45,8 @@ class Script:
     error_code: str | None = None  # for fail="status", e.g. "insufficient_quota"
     retry_after: str | None = None  # for fail="status": a Retry-After header
     fail_times: int | None = None  # fail only the first N requests (None: every one)
+    # for fail="error_event" on /v1/responses: the event that reports it
+    stream_error: Literal["error", "response.failed"] = "error"
 
 
 @dataclass
@@ -60,7 +64,8 @@ class FakeUpstream:
 
     def make_app(self) -> tornado.web.Application:
         return tornado.web.Application(
-            [(r"/v1/chat/completions", ChatCompletionsHandler, {"fake": self})],
+            [(r"/v1/chat/completions", ChatCompletionsHandler, {"fake": self}),
+             (r"/v1/responses", ResponsesHandler, {"fake": self})],
             log_function=lambda handler: None,  # the server in front logs its own requests
         )
 
@@ -201,6 +206,127 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
         code = script.error_code or {401: "invalid_api_key", 404: "model_not_found"}.get(script.status)
         self.finish({"error": {"message": f"Scripted failure with status {script.status}.",
                                "type": "invalid_request_error", "param": None, "code": code}})
+
+
+class ResponsesHandler(ChatCompletionsHandler):
+    """`POST /v1/responses` with `stream: true`, in the Responses API's wire format.
+
+    Request recording, disconnects, status failures and hangs are the chat handler's; the body is
+    a Responses event stream, each event an `event: <type>` line and its JSON data: created,
+    in_progress, the message item and its content part added, one `response.output_text.delta`
+    per delta, the text, part and item done, and `response.completed` with the whole response
+    and its usage. A dict delta is a whole event object (its `sequence_number` filled in).
+    """
+
+    def initialize(self, fake: FakeUpstream) -> None:
+        super().initialize(fake)
+        self.sequence = 0
+
+    async def send_event(self, kind: str, **fields: Any) -> None:
+        await self.send_object({"type": kind, "sequence_number": self.sequence, **fields})
+
+    async def send_object(self, event: dict[str, Any]) -> None:
+        """One event: `event: <its type>` (when it has one) and its JSON data, numbered."""
+        event.setdefault("sequence_number", self.sequence)
+        self.sequence = event["sequence_number"] + 1
+        data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        kind = event.get("type")
+        await self.send((f"event: {kind}\n" if isinstance(kind, str) else "").encode()
+                        + f"data: {data}\n\n".encode())
+
+    def deltas(self, script: Script, body: dict[str, Any]) -> list[str | dict[str, Any] | bytes]:
+        if script.tokens is None and script.deltas is None:
+            return list(demo_reply(_last_text(body.get("input"))))
+        return super().deltas(script, body)
+
+    async def stream(self, script: Script, model: str, deltas: list[str | dict[str, Any] | bytes]) -> None:
+        body = json.loads(self.request.body)
+        response = _response_object(model, body)
+        await self.send_event("response.created", response=response)
+        await self.send_event("response.in_progress", response=response)
+        item_id = "msg_" + secrets.token_hex(24)
+        item: dict[str, Any] = {"id": item_id, "type": "message", "status": "in_progress",
+                                "content": [], "role": "assistant"}
+        await self.send_event("response.output_item.added", output_index=0, item=item)
+        at = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        part: dict[str, Any] = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
+        await self.send_event("response.content_part.added", **at, part=part)
+        if script.first_token_delay:
+            await asyncio.sleep(script.first_token_delay)
+        text: list[str] = []
+        for i, delta in enumerate(deltas):
+            if script.fail is not None and i == script.fail_after:
+                await self.fail_responses_midway(script, response)
+                return
+            if i and script.token_delay:
+                await asyncio.sleep(script.token_delay)
+            if self.gone.is_set():
+                return
+            if isinstance(delta, bytes):
+                await self.send(delta)
+            elif isinstance(delta, dict):
+                await self.send_object(dict(delta))
+            else:
+                text.append(f"{time.monotonic_ns()} " if script.stamp else delta)
+                await self.send_event("response.output_text.delta", **at, delta=text[-1], logprobs=[])
+        if script.fail is not None and script.fail_after >= len(deltas):
+            await self.fail_responses_midway(script, response)
+            return
+        part = {**part, "text": "".join(text)}
+        await self.send_event("response.output_text.done", **at, text=part["text"], logprobs=[])
+        await self.send_event("response.content_part.done", **at, part=part)
+        item = {**item, "status": "completed", "content": [part]}
+        await self.send_event("response.output_item.done", output_index=0, item=item)
+        input_tokens = len(_last_text(body.get("input")).split())
+        usage = {"input_tokens": input_tokens,
+                 "input_tokens_details": {"cache_write_tokens": 0, "cached_tokens": 0},
+                 "output_tokens": len(text), "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": input_tokens + len(text)}
+        await self.send_event("response.completed", response={
+            **response, "status": "completed", "completed_at": int(time.time()), "output": [item],
+            "usage": usage})
+        self.fake.completed += 1
+
+    async def fail_responses_midway(self, script: Script, response: dict[str, Any]) -> None:
+        message = "The server had an error while processing your request. Sorry about that!"
+        if script.fail == "malformed":
+            await self.send(b'event: response.output_text.delta\n'
+                            b'data: {"type":"response.output_text.delta","delta": \n\n')
+        elif script.fail == "error_event" and script.stream_error == "error":
+            await self.send_event("error", code="server_error", message=message, param=None)
+        elif script.fail == "error_event":
+            await self.send_event("response.failed", response={
+                **response, "status": "failed", "error": {"code": "server_error", "message": message}})
+        else:
+            await self.fail_midway(script)  # reset, stall, hang; "truncate" ends without completed
+
+
+def _response_object(model: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The `response` of response.created, in progress and without output yet."""
+    return {
+        "id": "resp_" + secrets.token_hex(24), "object": "response", "created_at": int(time.time()),
+        "status": "in_progress", "background": False, "error": None, "incomplete_details": None,
+        "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+        "max_tool_calls": None, "model": model, "output": [], "parallel_tool_calls": True,
+        "previous_response_id": None, "prompt_cache_key": None,
+        "reasoning": {"effort": None, "summary": None}, "safety_identifier": None,
+        "service_tier": "default", "store": True, "temperature": body.get("temperature", 1.0),
+        "text": {"format": {"type": "text"}, "verbosity": "medium"}, "tool_choice": "auto",
+        "tools": [], "top_logprobs": 0, "top_p": body.get("top_p", 1.0), "truncation": "disabled",
+        "usage": None, "user": None, "metadata": {},
+    }
+
+
+def _last_text(input: object) -> str:
+    """The last message's text of a Responses `input`: a string, or a list of messages."""
+    if isinstance(input, str):
+        return input
+    if isinstance(input, list) and input and isinstance(input[-1], dict):
+        content = input[-1].get("content", "")
+        if isinstance(content, list):  # content parts: [{"type": "input_text", "text": ...}]
+            return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        return str(content)
+    return ""
 
 
 def main(argv: list[str] | None = None) -> None:

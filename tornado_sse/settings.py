@@ -10,6 +10,8 @@ from typing import Literal
 
 BackendName = Literal["auto", "openai", "demo"]
 BACKENDS: tuple[BackendName, ...] = ("auto", "openai", "demo")
+ApiName = Literal["chat", "responses"]
+APIS: tuple[ApiName, ...] = ("chat", "responses")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -25,6 +27,7 @@ class Settings:
     temperature: float = 0.8
     max_tokens: int = 1024
     backend: BackendName = "auto"
+    api: ApiName = "chat"
     max_question_chars: int = 4000
     log_level: str = "info"
     log_format: str = "text"
@@ -62,6 +65,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         _check(self.backend in BACKENDS, "backend", self.backend, "one of " + "|".join(BACKENDS))
+        _check(self.api in APIS, "api", self.api, "one of " + "|".join(APIS))
         _check(0 <= self.port <= 65535, "port", self.port, "0 to 65535")
         _check(0.0 <= self.temperature <= 2.0, "temperature", self.temperature, "0 to 2")
         _check(self.max_tokens >= 1, "max_tokens", self.max_tokens, "a whole number >= 1")

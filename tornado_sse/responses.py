@@ -1,0 +1,109 @@
+"""The Responses API backend: `responses.create(stream=True)` into the same deltas as Chat Completions.
+
+The client, its timeouts, retries and typed errors for non-2xx answers are OpenAIBackend's; only
+the request and the body differ. The body is read raw, as the chat backend reads it (the SDK's
+typed events cost more than the rest of the per-token path). Every event carries its `type` in
+its JSON data, so the `event:` lines are not needed:
+
+    response.output_text.delta                answer text      -> Delta("update", ...)
+    response.reasoning_summary_text.delta     reasoning        -> Delta("reasoning", ...)
+    response.reasoning_text.delta             reasoning        -> Delta("reasoning", ...)
+    response.completed                        the end (there is no `data: [DONE]`)
+    response.incomplete, max_output_tokens    the end: the answer is as long as --max-tokens allows,
+                                              as a chat stream that stops with finish_reason "length"
+    response.incomplete, any other reason     ErrorInStream (content_filter: the answer was cut)
+    response.failed, error                    ErrorInStream
+    a body that ends before the end           IncompleteStream
+    anything else (created, in_progress,      ignored
+      output_item.added, output_text.done, refusal deltas, tool events, ...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+import jiter
+
+from .backend import Delta, EventStreamDecoder, Message, OpenAIBackend, _drain
+from .errors import ErrorInStream, IncompleteStream, MalformedChunk
+from .watchdog import Watchdog
+
+# The text events, by their `type`, and the Delta event each becomes.
+_TEXT_EVENTS = {
+    "response.output_text.delta": "update",
+    "response.reasoning_summary_text.delta": "reasoning",
+    "response.reasoning_text.delta": "reasoning",
+}
+_FAILED = ("response.failed", "error")
+
+COMPLETED = Delta("completed", "")  # parse_response_event's answer to the stream's last event
+
+
+class ResponsesBackend(OpenAIBackend):
+    """OpenAI's Responses API, or a server that speaks it; the same client as OpenAIBackend."""
+
+    async def stream(self, messages: list[Message]) -> AsyncGenerator[Delta, None]:
+        s = self._settings
+        async with (
+            Watchdog(s.first_token_timeout, s.idle_timeout) as watchdog,
+            self._client.responses.with_streaming_response.create(
+                model=s.model,
+                input=messages,  # type: ignore[arg-type]
+                temperature=s.temperature,
+                max_output_tokens=s.max_tokens,
+                stream=True,
+            ) as response,
+        ):
+            chunks = response.http_response.aiter_bytes()
+            events = EventStreamDecoder()
+            async for chunk in chunks:
+                for data in events.feed(chunk):
+                    delta = parse_response_event(data)
+                    if delta is None:
+                        continue
+                    if delta is COMPLETED:
+                        await _drain(chunks)
+                        return
+                    watchdog.touch()
+                    yield delta
+            raise IncompleteStream("the upstream ended the stream without response.completed")
+
+
+def parse_response_event(data: bytes) -> Delta | None:
+    """One Responses stream event -> a Delta with text, COMPLETED at the end, or None (ignored).
+
+    Raises ErrorInStream for a failure the upstream reports, MalformedChunk for data that is not
+    a Responses event, and IncompleteStream for a `data: [DONE]` before `response.completed`
+    (some compatible servers end that way; the answer may be cut short).
+    """
+    try:
+        event = jiter.from_json(data)  # as parse_chat_chunk: the SDK's parser, faster than json
+    except ValueError as exc:
+        if data == b"[DONE]":
+            raise IncompleteStream("data: [DONE] before response.completed") from None
+        raise MalformedChunk(f"event is not JSON ({exc}): {data[:200]!r}") from None
+    if not isinstance(event, dict):
+        raise MalformedChunk(f"event is not a JSON object: {data[:200]!r}")
+    kind = event.get("type")
+    name = _TEXT_EVENTS.get(kind) if isinstance(kind, str) else None
+    if name is not None:
+        text = event.get("delta")
+        if not isinstance(text, str):
+            raise MalformedChunk(f"delta text is not a string: {data[:200]!r}")
+        return Delta(name, text) if text else None
+    if kind == "response.completed":
+        return COMPLETED
+    # A top-level `error` object: some servers send their errors that way, and so does the SDK's
+    # own check, which raises on it.
+    if kind in _FAILED or event.get("error"):
+        raise ErrorInStream(f"{kind or 'error'} in the stream: {data[:500]!r}")
+    if kind == "response.incomplete":
+        response = event.get("response")
+        details = response.get("incomplete_details") if isinstance(response, dict) else None
+        reason = details.get("reason") if isinstance(details, dict) else None
+        if reason == "max_output_tokens":
+            return COMPLETED
+        raise ErrorInStream(f"response.incomplete ({reason}): {data[:500]!r}")
+    if not isinstance(kind, str):
+        raise MalformedChunk(f"event has no type: {data[:200]!r}")
+    return None
