@@ -77,7 +77,7 @@ class OpenAIBackend:
             async for chunk in chunks:
                 for data in events.feed(chunk):
                     if data == b"[DONE]":
-                        await _drain(chunks)
+                        await drain(chunks)
                         return
                     content, reasoning = parse_chat_chunk(data)
                     if reasoning:
@@ -166,7 +166,7 @@ class EventStreamDecoder:
                 self._data.append(value[1:] if value.startswith(b" ") else value)
 
 
-async def _drain(chunks: AsyncIterator[bytes]) -> None:
+async def drain(chunks: AsyncIterator[bytes]) -> None:
     """Read what follows [DONE] (the end of the chunked body) so the connection can be reused."""
     try:
         async with asyncio.timeout(0.1):

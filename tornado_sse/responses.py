@@ -24,7 +24,7 @@ from collections.abc import AsyncGenerator
 
 import jiter
 
-from .backend import Delta, EventStreamDecoder, Message, OpenAIBackend, _drain
+from .backend import Delta, EventStreamDecoder, Message, OpenAIBackend, drain
 from .errors import ErrorInStream, IncompleteStream, MalformedChunk
 from .watchdog import Watchdog
 
@@ -62,7 +62,7 @@ class ResponsesBackend(OpenAIBackend):
                     if delta is None:
                         continue
                     if delta is COMPLETED:
-                        await _drain(chunks)
+                        await drain(chunks)
                         return
                     watchdog.touch()
                     yield delta
