@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import ipaddress
 import logging
 import os
@@ -174,6 +175,10 @@ async def serve(settings: Settings) -> None:
                     "can spend the API key", settings.host)
     scheme = "https" if settings.tls else "http"
     log.info("tornado-sse listening on %s://%s:%d/", scheme, settings.host, port)
+    # What start-up built (modules, the app, the SDK's models) lives as long as the process:
+    # keep it out of every later collection, which otherwise walks it again and again.
+    gc.collect()
+    gc.freeze()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
