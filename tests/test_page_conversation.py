@@ -97,8 +97,10 @@ async def test_an_error_shows_its_message_and_is_asked_again_only_on_retry(
         assert len(fake.requests) == 1
         fake.script = Script(deltas=["fine now"])
         await page.click(".retry")
+        # Poll the final text: right after the click the button may not be disabled yet, so
+        # "Send is enabled" alone does not say the retried answer is in.
+        await until(page, f"{SOURCE} === 'fine now'", timeout=10)
         await answered(page)
-        assert await page.evaluate(SOURCE) == "fine now"
         assert await page.locator(".turn").count() == 1  # the failed turn was asked again in place
         assert len(fake.requests) == 2
 
