@@ -17,6 +17,7 @@ import json
 import secrets
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -158,26 +159,33 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
         messages = body.get("messages") or [{}]
         return list(demo_reply(str(messages[-1].get("content", ""))))
 
-    async def stream(self, script: Script, model: str, deltas: list[str | dict[str, Any] | bytes]) -> None:
-        await self.send(_chunk(model, {"role": "assistant", "content": ""}))
+    async def paced(self, script: Script,
+                    deltas: list[str | dict[str, Any] | bytes]) -> AsyncIterator[str | dict[str, Any] | bytes]:
+        """The deltas at the script's pace, up to its failure point (or the client's leaving).
+        Generated text is stamped with its send time when the script says so."""
         if script.first_token_delay:
             await asyncio.sleep(script.first_token_delay)
         for i, delta in enumerate(deltas):
             if script.fail is not None and i == script.fail_after:
-                await self.fail_midway(script)
                 return
             if i and script.token_delay:
                 await asyncio.sleep(script.token_delay)
             if self.gone.is_set():
                 return
+            yield f"{time.monotonic_ns()} " if script.stamp and isinstance(delta, str) else delta
+
+    async def stream(self, script: Script, model: str, deltas: list[str | dict[str, Any] | bytes]) -> None:
+        await self.send(_chunk(model, {"role": "assistant", "content": ""}))
+        async for delta in self.paced(script, deltas):
             if isinstance(delta, bytes):
                 await self.send(delta)
             elif isinstance(delta, dict):
                 await self.send(b"data: " + json.dumps(delta).encode() + b"\n\n")
             else:
-                text = f"{time.monotonic_ns()} " if script.stamp else delta
-                await self.send(_chunk(model, {"content": text}))
-        if script.fail is not None and script.fail_after >= len(deltas):
+                await self.send(_chunk(model, {"content": delta}))
+        if self.gone.is_set():
+            return
+        if script.fail is not None:
             await self.fail_midway(script)
             return
         await self.send(_chunk(model, {}, finish_reason="stop"))
@@ -251,25 +259,18 @@ class ResponsesHandler(ChatCompletionsHandler):
         at = {"item_id": item_id, "output_index": 0, "content_index": 0}
         part: dict[str, Any] = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
         await self.send_event("response.content_part.added", **at, part=part)
-        if script.first_token_delay:
-            await asyncio.sleep(script.first_token_delay)
         text: list[str] = []
-        for i, delta in enumerate(deltas):
-            if script.fail is not None and i == script.fail_after:
-                await self.fail_responses_midway(script, response)
-                return
-            if i and script.token_delay:
-                await asyncio.sleep(script.token_delay)
-            if self.gone.is_set():
-                return
+        async for delta in self.paced(script, deltas):
             if isinstance(delta, bytes):
                 await self.send(delta)
             elif isinstance(delta, dict):
                 await self.send_object(dict(delta))
             else:
-                text.append(f"{time.monotonic_ns()} " if script.stamp else delta)
-                await self.send_event("response.output_text.delta", **at, delta=text[-1], logprobs=[])
-        if script.fail is not None and script.fail_after >= len(deltas):
+                text.append(delta)
+                await self.send_event("response.output_text.delta", **at, delta=delta, logprobs=[])
+        if self.gone.is_set():
+            return
+        if script.fail is not None:
             await self.fail_responses_midway(script, response)
             return
         part = {**part, "text": "".join(text)}
