@@ -7,8 +7,12 @@ import json
 import re
 from dataclasses import dataclass
 
+import tornado.netutil
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
+from tornado_sse.app import make_app, make_server
+from tornado_sse.backend import OpenAIBackend
+from tornado_sse.settings import Settings
 from tornado_sse.sse import END_MARKER
 
 _LINE = re.compile(r"\r\n|\r|\n")
@@ -97,3 +101,21 @@ async def read_until(reader: asyncio.StreamReader, needle: bytes, count: int = 1
             raise AssertionError(f"connection closed after {seen!r}")
         seen += chunk
     return seen
+
+
+class serving:
+    """A second real server with other settings, for the tests that need one."""
+
+    def __init__(self, settings: Settings, scheme: str = "http"):
+        self.settings, self.scheme = settings, scheme
+
+    async def __aenter__(self) -> str:
+        self.backend = OpenAIBackend(self.settings)
+        [sock] = tornado.netutil.bind_sockets(0, "127.0.0.1")
+        self.server = make_server(make_app(self.settings, self.backend), self.settings)
+        self.server.add_sockets([sock])
+        return f"{self.scheme}://127.0.0.1:{sock.getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.stop()
+        await self.backend.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 
 import pytest
@@ -12,8 +13,8 @@ import pytest
 from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.settings import Settings
 
-from .conftest import API_KEY
-from .sseclient import ask, open_raw, read_until
+from .conftest import API_KEY, with_settings
+from .sseclient import Answer, ask, open_raw, read_until, serving
 
 END = ("update", "<END_STREAMING_SSE>")
 pytestmark = pytest.mark.gen_test
@@ -118,7 +119,12 @@ FAILURES = [
 @pytest.mark.parametrize("script, code, words", FAILURES, ids=[f"{s.fail}-{s.status}-{c}" for s, c, _ in FAILURES])
 async def test_every_failure_ends_with_an_error_event_and_the_end_frame(base_url, fake, script, code, words, caplog):
     fake.script = script
-    answer = await ask(base_url, "question=q")
+    assert_failed_cleanly(await ask(base_url, "question=q"), script, code, words, caplog.text)
+
+
+def assert_failed_cleanly(answer: Answer, script: Script, code: str, words: str, log: str) -> None:
+    """An error event with `code` and a message holding `words`, then the end frame; the text
+    before the failure kept; no traceback, path or key anywhere."""
     assert answer.status == 200
     assert answer.events[-1] == END
     assert answer.events[-2][0] == "error"
@@ -126,37 +132,19 @@ async def test_every_failure_ends_with_an_error_event_and_the_end_frame(base_url
     assert error["code"] == code
     assert words in error["message"]
     assert "Traceback" not in answer.body.decode() and "/" not in error["message"].replace("--", "")
-    # what came before the failure is kept, in order
     assert answer.text == ("a" if script.fail_after == 1 else "")
-    assert API_KEY not in answer.body.decode() and API_KEY not in caplog.text
+    assert API_KEY not in answer.body.decode() and API_KEY not in log
 
 
-async def test_an_unreachable_upstream_is_an_error_event(base_url, fake, upstream, settings, io_loop):
-    server_port = upstream[1]
-    # Nothing listens on the next free port we pick: bind, learn it, close.
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    dead_port = s.getsockname()[1]
-    s.close()
-    from tornado_sse.app import make_app
-    from tornado_sse.backend import OpenAIBackend
-    import tornado.httpserver
-    import tornado.netutil
-    import dataclasses
-    dead = dataclasses.replace(settings, base_url=f"http://127.0.0.1:{dead_port}/v1")
-    backend = OpenAIBackend(dead)
-    [sock] = tornado.netutil.bind_sockets(0, "127.0.0.1")
-    server = tornado.httpserver.HTTPServer(make_app(dead, backend))
-    server.add_sockets([sock])
-    try:
-        answer = await ask(f"http://127.0.0.1:{sock.getsockname()[1]}", "question=q")
-    finally:
-        server.stop()
-        await backend.close()
+async def test_an_unreachable_upstream_is_an_error_event(settings):
+    # Nothing listens on a port we bind, learn and close again.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    async with serving(with_settings(settings, base_url=f"http://127.0.0.1:{dead_port}/v1")) as base_url:
+        answer = await ask(base_url, "question=q")
     assert answer.events[-1] == END
     assert json.loads(answer.errors[0])["code"] == "upstream_unreachable"
-    assert server_port != dead_port
 
 
 async def test_the_api_key_reaches_the_upstream_but_no_response_or_log(base_url, fake, caplog, http_client):

@@ -16,7 +16,7 @@ from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.settings import Settings
 
 from .conftest import with_settings
-from .sseclient import ask, open_raw, parse_events, read_until
+from .sseclient import ask, open_raw, parse_events, read_until, serving
 
 END = ("update", "<END_STREAMING_SSE>")
 pytestmark = pytest.mark.gen_test(timeout=30)
@@ -372,24 +372,3 @@ def _events_with_ids(raw: bytes) -> list[tuple[str, str, str]]:
         if "event" in fields:
             frames.append((fields.get("id", ""), fields["event"], fields.get("data", "")))
     return frames
-
-
-class serving:
-    """A second real server with other settings, for the tests that need one."""
-
-    def __init__(self, settings: Settings, scheme: str = "http"):
-        self.settings, self.scheme = settings, scheme
-
-    async def __aenter__(self) -> str:
-        import tornado.netutil
-        from tornado_sse.app import make_app, make_server
-        from tornado_sse.backend import OpenAIBackend
-        self.backend = OpenAIBackend(self.settings)
-        [sock] = tornado.netutil.bind_sockets(0, "127.0.0.1")
-        self.server = make_server(make_app(self.settings, self.backend), self.settings)
-        self.server.add_sockets([sock])
-        return f"{self.scheme}://127.0.0.1:{sock.getsockname()[1]}"
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.stop()
-        await self.backend.close()

@@ -24,7 +24,7 @@ from tornado_sse.settings import Settings
 
 from .conftest import API_KEY, with_settings
 from .sseclient import ask, open_raw, read_until
-from .test_ask import FAILURES, TRICKY
+from .test_ask import FAILURES, TRICKY, assert_failed_cleanly
 
 END = ("update", "<END_STREAMING_SSE>")
 
@@ -138,16 +138,7 @@ async def test_the_demo_reply_answers_over_the_responses_api_too(base_url, fake)
 async def test_every_failure_ends_with_the_chat_backends_error_code_and_the_end_frame(
         base_url, fake, script, code, words, caplog):
     fake.script = script
-    answer = await ask(base_url, "question=q")
-    assert answer.status == 200
-    assert answer.events[-1] == END
-    assert answer.events[-2][0] == "error"
-    error = json.loads(answer.events[-2][1])
-    assert error["code"] == code
-    assert words in error["message"]
-    assert "Traceback" not in answer.body.decode() and "/" not in error["message"].replace("--", "")
-    assert answer.text == ("a" if script.fail_after == 1 else "")
-    assert API_KEY not in answer.body.decode() and API_KEY not in caplog.text
+    assert_failed_cleanly(await ask(base_url, "question=q"), script, code, words, caplog.text)
     assert fake.completed == 0
 
 
