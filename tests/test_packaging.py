@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 import urllib.request
 from pathlib import Path
 
@@ -22,9 +23,16 @@ def test_a_wheel_installed_in_a_fresh_venv_serves_the_page_and_its_files(tmp_pat
                    check=True, capture_output=True)
     [wheel] = (tmp_path / "dist").glob("tornado_sse-*.whl")
     venv = tmp_path / "venv"
-    # The venv sees tornado and openai from this interpreter; the package itself comes from the wheel.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
+    # The dependencies come from the environment running this test, venv or not: its site-packages
+    # go on the new venv's path after its own, so the package itself comes from the wheel. (A path
+    # line in a .pth file is only appended; the .pth files inside it, such as the checkout's
+    # editable finder, are not run.)
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    ours = dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")])
+    Path(purelib, "outer-environment.pth").write_text("\n".join(ours) + "\n")
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
