@@ -44,3 +44,23 @@ def test_a_wheel_installed_in_a_fresh_venv_serves_the_page_and_its_files(tmp_pat
         assert 'id="form-question"' in page
         for name in ("app.js", "style.css", "favicon.svg"):
             assert urllib.request.urlopen(f"http://127.0.0.1:{port}/static/{name}", timeout=10).status == 200
+
+
+def test_every_requirement_is_pinned_in_the_constraints() -> None:
+    """The README's commands install with `-c constraints.txt`: a dependency added to setup.cfg
+    without a pin would float to whatever is newest on the next fresh machine."""
+    import configparser
+    import re
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    wanted = config["options"]["install_requires"].split() + config["options.extras_require"]["test"].split()
+    names = {re.split(r"[<>=!~\[;]", line, maxsplit=1)[0] for line in wanted if line[0].isalpha()}
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    missing = {n for n in names if re.sub(r"[-_.]+", "-", n).lower() not in pins}
+    assert not missing, f"not pinned in constraints.txt (run bash .ci/refresh-pins): {sorted(missing)}"
+    assert all(re.fullmatch(r"[0-9][0-9A-Za-z.+!-]*", v) for v in pins.values()), "every pin is an exact =="

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import re
 import secrets
 import socket
 import time
@@ -78,8 +79,14 @@ class FakeUpstream:
         return server, sock.getsockname()[1]
 
 
+# How a model's tokenizer cuts text: a word carries the space before it (" world"), and a run of
+# newlines is a token of its own. Pages that append `event.data` to `innerText` (the tutorial's)
+# depend on it: a trailing space at the end of what is shown collapses, a leading one does not.
+_TOKEN = re.compile(r"\n+| *[^ \n]+| +")
+
+
 def demo_reply(question: str) -> list[str]:
-    """A markdown-ish reply, split the way a model streams it: words, spaces and newlines."""
+    """A markdown-ish reply, split the way a model streams it: " word", "\n\n"."""
     quoted = question if len(question) <= 80 else question[:77] + "..."
     text = (
         f"You asked: **{quoted}**\n\n"
@@ -92,11 +99,7 @@ def demo_reply(question: str) -> list[str]:
         "(for example `http://127.0.0.1:11434/v1`) and choose `--model`.\n\n"
         "Then ask again, and the answer will come from the model."
     )
-    tokens: list[str] = []
-    for word in text.split(" "):
-        tokens.append(word + " ")
-    tokens[-1] = tokens[-1].rstrip(" ")
-    return tokens
+    return _TOKEN.findall(text)
 
 
 _ID = "chatcmpl-tornado-sse-demo"
