@@ -1,7 +1,8 @@
 """An OpenAI-compatible streaming upstream: the demo backend, the tests' fake and the benchmarks'.
 
 It speaks the exact Chat Completions wire format (a role chunk, content chunks, a finish chunk,
-`data: [DONE]`), so the demo runs the same `openai` SDK path as production; `POST /v1/responses`
+the usage chunk when asked for, `data: [DONE]`), so the demo runs the same `openai` SDK path as
+production, and it is as strict as OpenAI about reasoning models' parameters (`refusal`); `POST /v1/responses`
 speaks the Responses API's event stream the same way. A `Script` says what to send and how to
 fail; the upstream records every request and every client that went away.
 
@@ -48,6 +49,14 @@ class Script:
     fail_times: int | None = None  # fail only the first N requests (None: every one)
     # for fail="error_event" on /v1/responses: the event that reports it
     stream_error: Literal["error", "response.failed"] = "error"
+    # for fail="status": whose error body. litellm: LiteLLM's 400 for an unknown model;
+    # azure_content_filter: Azure OpenAI's 400 when its content filter refuses the question.
+    error_style: Literal["openai", "litellm", "azure_content_filter"] = "openai"
+    error_message: str | None = None  # for fail="status": the error body's message
+    finish_reason: str = "stop"  # of the last chunk
+    # Parameters refused as an older server refuses them (Azure's older API versions):
+    # "Unrecognized request argument supplied: <name>", param and code null.
+    refuse: tuple[str, ...] = ()
 
 
 @dataclass
@@ -102,18 +111,107 @@ def demo_reply(question: str) -> list[str]:
 _ID = "chatcmpl-tornado-sse-demo"
 
 
-def _chunk(model: str, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-    obj = {
+def _chunk(model: str, delta: dict[str, Any], finish_reason: str | None = None,
+           usage: bool = False) -> bytes:
+    obj: dict[str, Any] = {
         "id": _ID,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
     }
+    if usage:  # asked for usage, every chunk has the field, null until the last (OpenAI's docs)
+        obj["usage"] = None
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
+def _usage_chunk(model: str, prompt_tokens: int, completion_tokens: int) -> bytes:
+    """OpenAI's last chunk with `stream_options: {"include_usage": true}`: no choices, the usage."""
+    obj = {"id": _ID, "object": "chat.completion.chunk", "created": int(time.time()),
+           "model": model, "choices": [],
+           "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                     "total_tokens": prompt_tokens + completion_tokens,
+                     "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                     "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                                   "accepted_prediction_tokens": 0,
+                                                   "rejected_prediction_tokens": 0}}}
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+REASONING_MODELS = ("gpt-5", "o1", "o3", "o4-mini")
+
+
+def is_reasoning_model(model: str) -> bool:
+    return model.startswith(REASONING_MODELS)
+
+
+def refusal(model: str, body: dict[str, Any], refuse: tuple[str, ...] = (),
+            api: Literal["chat", "responses"] = "chat") -> dict[str, Any] | None:
+    """The 400 error object OpenAI answers a request with a parameter this model does not take,
+    word for word as OpenAI sends it (as reported in openai-python and client issue threads),
+    or None. `refuse`: parameters refused the way older compatible servers do."""
+    for name in refuse:
+        if name in body:
+            return _error(f"Unrecognized request argument supplied: {name}", None, None)
+    if api == "responses":
+        if is_reasoning_model(model) and "temperature" in body:
+            return _error("Unsupported parameter: 'temperature' is not supported with this model.",
+                          "temperature", "unsupported_parameter")
+        if not is_reasoning_model(model) and "reasoning" in body:
+            return _error("Unsupported parameter: 'reasoning.effort' is not supported with this "
+                          "model.", "reasoning.effort", "unsupported_parameter")
+        return None
+    if not is_reasoning_model(model):
+        if "reasoning_effort" in body:
+            return _error("Unrecognized request argument supplied: reasoning_effort", None, None)
+        return None
+    if "max_tokens" in body:
+        return _error("Unsupported parameter: 'max_tokens' is not supported with this model. "
+                      "Use 'max_completion_tokens' instead.", "max_tokens", "unsupported_parameter")
+    temperature = body.get("temperature", 1)
+    if temperature != 1:
+        return _error(f"Unsupported value: 'temperature' does not support {temperature} with this "
+                      "model. Only the default (1) value is supported.", "temperature",
+                      "unsupported_value")
+    return None
+
+
+def _error(message: str, param: str | None, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": param,
+                      "code": code}}
+
+
+def error_body(script: Script, model: str) -> dict[str, Any]:
+    """The JSON body of a scripted status failure, in the style the script names."""
+    if script.error_style == "litellm":
+        # LiteLLM's proxy: the message is the repr of a dict, type and param the string "None"
+        # (BerriAI/litellm#8821, #3142).
+        inner = (f"/chat/completions: Invalid model name passed in model={model}. "
+                 "Call `/v1/models` to view available models for your key.")
+        return {"error": {"message": repr({"error": inner}), "type": "None", "param": "None",
+                          "code": str(script.status)}}
+    if script.error_style == "azure_content_filter":
+        # Azure OpenAI's refusal of a prompt (openai/openai-python#331, compl-ai/compl-ai#20).
+        return {"error": {
+            "message": "The response was filtered due to the prompt triggering Azure OpenAI's "
+                       "content management policy. Please modify your prompt and retry. To learn "
+                       "more about our content filtering policies please read our documentation: "
+                       "https://go.microsoft.com/fwlink/?linkid=2198766",
+            "type": None, "param": "prompt", "code": "content_filter", "status": 400,
+            "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {
+                "hate": {"filtered": False, "severity": "safe"},
+                "jailbreak": {"filtered": False, "detected": False},
+                "self_harm": {"filtered": False, "severity": "safe"},
+                "sexual": {"filtered": False, "severity": "safe"},
+                "violence": {"filtered": True, "severity": "medium"}}}}}
+    code = script.error_code or {401: "invalid_api_key", 404: "model_not_found"}.get(script.status)
+    message = script.error_message or f"Scripted failure with status {script.status}."
+    return _error(message, None, code)
+
+
 class ChatCompletionsHandler(tornado.web.RequestHandler):
+    api: Literal["chat", "responses"] = "chat"
+
     def initialize(self, fake: FakeUpstream) -> None:
         self.fake = fake
         self.chunks_written = 0
@@ -138,6 +236,11 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
         if script.fail_times is not None and len(self.fake.requests) > script.fail_times:
             script = dataclasses.replace(script, fail=None)
         model = str(body.get("model", "demo"))
+        refused = refusal(model, body, script.refuse, self.api)
+        if refused is not None:
+            self.set_status(400)
+            self.finish(refused)
+            return
         if script.fail == "status":
             await self.fail_with_status(script)
             return
@@ -175,20 +278,28 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
             yield f"{time.monotonic_ns()} " if script.stamp and isinstance(delta, str) else delta
 
     async def stream(self, script: Script, model: str, deltas: list[str | dict[str, Any] | bytes]) -> None:
-        await self.send(_chunk(model, {"role": "assistant", "content": ""}))
+        body = json.loads(self.request.body)
+        options = body.get("stream_options")
+        usage = isinstance(options, dict) and options.get("include_usage") is True
+        await self.send(_chunk(model, {"role": "assistant", "content": ""}, usage=usage))
+        sent = 0
         async for delta in self.paced(script, deltas):
             if isinstance(delta, bytes):
                 await self.send(delta)
             elif isinstance(delta, dict):
                 await self.send(b"data: " + json.dumps(delta).encode() + b"\n\n")
             else:
-                await self.send(_chunk(model, {"content": delta}))
+                sent += 1
+                await self.send(_chunk(model, {"content": delta}, usage=usage))
         if self.gone.is_set():
             return
         if script.fail is not None:
             await self.fail_midway(script)
             return
-        await self.send(_chunk(model, {}, finish_reason="stop"))
+        await self.send(_chunk(model, {}, finish_reason=script.finish_reason, usage=usage))
+        if usage:
+            prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages") or [])
+            await self.send(_usage_chunk(model, prompt, sent))
         await self.send(b"data: [DONE]\n\n")
         self.fake.completed += 1
 
@@ -211,9 +322,7 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         if script.retry_after is not None:
             self.set_header("Retry-After", script.retry_after)
-        code = script.error_code or {401: "invalid_api_key", 404: "model_not_found"}.get(script.status)
-        self.finish({"error": {"message": f"Scripted failure with status {script.status}.",
-                               "type": "invalid_request_error", "param": None, "code": code}})
+        self.finish(error_body(script, str(json.loads(self.request.body).get("model"))))
 
 
 class ResponsesHandler(ChatCompletionsHandler):
@@ -225,6 +334,8 @@ class ResponsesHandler(ChatCompletionsHandler):
     per delta, the text, part and item done, and `response.completed` with the whole response
     and its usage. A dict delta is a whole event object (its `sequence_number` filled in).
     """
+
+    api = "responses"
 
     def initialize(self, fake: FakeUpstream) -> None:
         super().initialize(fake)
