@@ -180,6 +180,30 @@ async def test_incomplete_at_max_output_tokens_ends_normally_like_a_length_stop(
 
 
 @pytest.mark.gen_test
+@pytest.mark.parametrize("settings", [{"model": "gpt-5-mini", "reasoning_effort": "low"}], indirect=True)
+async def test_reasoning_effort_streams_the_reasoning_summary_as_reasoning_events(base_url, fake):
+    fake.script = Script(deltas=["The ", "answer"], summary=["Weighing ", "it."])
+    answer = await ask(base_url, "question=q")
+    assert answer.after_meta == [("reasoning", "Weighing "), ("reasoning", "it."),
+                                 ("update", "The "), ("update", "answer"),
+                                 ("finish", '{"reason": "stop", "usage": {"input_tokens": 1, "output_tokens": 2}}'),
+                                 END]
+    [request] = fake.requests
+    assert request["reasoning"] == {"effort": "low", "summary": "auto"}
+    assert "temperature" not in request
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("settings", [{"model": "o4-mini", "temperature": 0.2}], indirect=True)
+async def test_an_explicit_temperature_a_reasoning_model_refuses_is_the_providers_error(base_url, fake):
+    answer = await ask(base_url, "question=q")
+    error = json.loads(answer.errors[0])
+    assert error["code"] == "upstream_bad_request" and answer.events[-1] == END
+    assert error["message"].endswith(
+        "The provider said: \"Unsupported parameter: 'temperature' is not supported with this model.\"")
+
+
+@pytest.mark.gen_test
 @pytest.mark.parametrize("settings", [{"upstream_transport": "httpx"}], indirect=True)
 async def test_httpxs_own_transport_streams_the_same(base_url, fake):
     fake.script = Script(deltas=["a\nb", " \u00e9"])
@@ -274,6 +298,29 @@ async def test_the_sdks_typed_parser_reads_the_fakes_stream(upstream):
     assert done.response.status == "completed" and done.response.output_text == text
     assert done.response.usage is not None and done.response.usage.output_tokens == 3
     assert done.response.max_output_tokens == 50 and done.response.model == "m"
+
+
+@pytest.mark.gen_test
+async def test_the_sdks_typed_parser_reads_the_fakes_reasoning_summary(upstream):
+    upstream[0].script = Script(deltas=["ok"], summary=["Sum", "mary"])
+    client = sdk_client(upstream)
+    try:
+        stream = await client.responses.create(model="gpt-5-mini", input="hi", stream=True,
+                                               reasoning={"effort": "minimal", "summary": "auto"})
+        events = [event async for event in stream]
+    finally:
+        await client.close()
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[2:9] == ["ResponseOutputItemAddedEvent", "ResponseReasoningSummaryPartAddedEvent",
+                          *["ResponseReasoningSummaryTextDeltaEvent"] * 2,
+                          "ResponseReasoningSummaryTextDoneEvent", "ResponseReasoningSummaryPartDoneEvent",
+                          "ResponseOutputItemDoneEvent"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    done = events[-1]
+    assert done.type == "response.completed" and done.response.output_text == "ok"
+    [reasoning, _] = done.response.output
+    assert reasoning.type == "reasoning" and reasoning.summary[0].text == "Summary"
+    assert done.response.reasoning is not None and done.response.reasoning.effort == "minimal"
 
 
 @pytest.mark.gen_test

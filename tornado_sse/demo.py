@@ -57,6 +57,8 @@ class Script:
     # Parameters refused as an older server refuses them (Azure's older API versions):
     # "Unrecognized request argument supplied: <name>", param and code null.
     refuse: tuple[str, ...] = ()
+    # /v1/responses, a reasoning model asked for `reasoning.summary`: the summary's deltas
+    summary: list[str] = field(default_factory=lambda: ["Reading the question. ", "Answering it."])
 
 
 @dataclass
@@ -363,11 +365,16 @@ class ResponsesHandler(ChatCompletionsHandler):
         response = _response_object(model, body)
         await self.send_event("response.created", response=response)
         await self.send_event("response.in_progress", response=response)
+        output: list[dict[str, Any]] = []
+        reasoning = body.get("reasoning")
+        if is_reasoning_model(model) and isinstance(reasoning, dict) and reasoning.get("summary"):
+            output.append(await self.stream_summary(script))
+        index = len(output)
         item_id = "msg_" + secrets.token_hex(24)
         item: dict[str, Any] = {"id": item_id, "type": "message", "status": "in_progress",
                                 "content": [], "role": "assistant"}
-        await self.send_event("response.output_item.added", output_index=0, item=item)
-        at = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        await self.send_event("response.output_item.added", output_index=index, item=item)
+        at = {"item_id": item_id, "output_index": index, "content_index": 0}
         part: dict[str, Any] = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
         await self.send_event("response.content_part.added", **at, part=part)
         text: list[str] = []
@@ -388,16 +395,35 @@ class ResponsesHandler(ChatCompletionsHandler):
         await self.send_event("response.output_text.done", **at, text=part["text"], logprobs=[])
         await self.send_event("response.content_part.done", **at, part=part)
         item = {**item, "status": "completed", "content": [part]}
-        await self.send_event("response.output_item.done", output_index=0, item=item)
+        await self.send_event("response.output_item.done", output_index=index, item=item)
         input_tokens = len(_last_text(body.get("input")).split())
         usage = {"input_tokens": input_tokens,
                  "input_tokens_details": {"cache_write_tokens": 0, "cached_tokens": 0},
                  "output_tokens": len(text), "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": input_tokens + len(text)}
         await self.send_event("response.completed", response={
-            **response, "status": "completed", "completed_at": int(time.time()), "output": [item],
+            **response, "status": "completed", "completed_at": int(time.time()), "output": [*output, item],
             "usage": usage})
         self.fake.completed += 1
+
+    async def stream_summary(self, script: Script) -> dict[str, Any]:
+        """A reasoning item with one summary part, streamed as OpenAI streams it before the
+        answer (response.reasoning_summary_*); returns the finished item."""
+        item_id = "rs_" + secrets.token_hex(24)
+        item: dict[str, Any] = {"id": item_id, "type": "reasoning", "summary": []}
+        await self.send_event("response.output_item.added", output_index=0, item=item)
+        at = {"item_id": item_id, "output_index": 0, "summary_index": 0}
+        await self.send_event("response.reasoning_summary_part.added", **at,
+                              part={"type": "summary_text", "text": ""})
+        for delta in script.summary:
+            await self.send_event("response.reasoning_summary_text.delta", **at, delta=delta)
+        text = "".join(script.summary)
+        await self.send_event("response.reasoning_summary_text.done", **at, text=text)
+        part = {"type": "summary_text", "text": text}
+        await self.send_event("response.reasoning_summary_part.done", **at, part=part)
+        item = {**item, "summary": [part]}
+        await self.send_event("response.output_item.done", output_index=0, item=item)
+        return item
 
     async def fail_responses_midway(self, script: Script, response: dict[str, Any]) -> None:
         message = "The server had an error while processing your request. Sorry about that!"
@@ -421,7 +447,8 @@ def _response_object(model: str, body: dict[str, Any]) -> dict[str, Any]:
         "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
         "max_tool_calls": None, "model": model, "output": [], "parallel_tool_calls": True,
         "previous_response_id": None, "prompt_cache_key": None,
-        "reasoning": {"effort": None, "summary": None}, "safety_identifier": None,
+        "reasoning": {"effort": None, "summary": None, **(body.get("reasoning") or {})},
+        "safety_identifier": None,
         "service_tier": "default", "store": True, "temperature": body.get("temperature", 1.0),
         "text": {"format": {"type": "text"}, "verbosity": "medium"}, "tool_choice": "auto",
         "tools": [], "top_logprobs": 0, "top_p": body.get("top_p", 1.0), "truncation": "disabled",
