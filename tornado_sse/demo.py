@@ -27,6 +27,8 @@ import tornado.netutil
 import tornado.web
 from tornado.iostream import StreamClosedError
 
+from .demo_errors import ErrorStyle, error_body, is_reasoning_model, refusal
+
 FailureKind = Literal["status", "hang", "malformed", "error_event", "truncate", "reset", "stall"]
 FAILURES: tuple[str, ...] = FailureKind.__args__  # type: ignore[attr-defined]
 
@@ -51,7 +53,7 @@ class Script:
     stream_error: Literal["error", "response.failed"] = "error"
     # for fail="status": whose error body. litellm: LiteLLM's 400 for an unknown model;
     # azure_content_filter: Azure OpenAI's 400 when its content filter refuses the question.
-    error_style: Literal["openai", "litellm", "azure_content_filter"] = "openai"
+    error_style: ErrorStyle = "openai"
     error_message: str | None = None  # for fail="status": the error body's message
     finish_reason: str = "stop"  # of the last chunk
     # Parameters refused as an older server refuses them (Azure's older API versions):
@@ -138,77 +140,6 @@ def _usage_chunk(model: str, prompt_tokens: int, completion_tokens: int) -> byte
                                                    "accepted_prediction_tokens": 0,
                                                    "rejected_prediction_tokens": 0}}}
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
-
-
-REASONING_MODELS = ("gpt-5", "o1", "o3", "o4-mini")
-
-
-def is_reasoning_model(model: str) -> bool:
-    return model.startswith(REASONING_MODELS)
-
-
-def refusal(model: str, body: dict[str, Any], refuse: tuple[str, ...] = (),
-            api: Literal["chat", "responses"] = "chat") -> dict[str, Any] | None:
-    """The 400 error object OpenAI answers a request with a parameter this model does not take,
-    word for word as OpenAI sends it (as reported in openai-python and client issue threads),
-    or None. `refuse`: parameters refused the way older compatible servers do."""
-    for name in refuse:
-        if name in body:
-            return _error(f"Unrecognized request argument supplied: {name}", None, None)
-    if api == "responses":
-        if is_reasoning_model(model) and "temperature" in body:
-            return _error("Unsupported parameter: 'temperature' is not supported with this model.",
-                          "temperature", "unsupported_parameter")
-        if not is_reasoning_model(model) and "reasoning" in body:
-            return _error("Unsupported parameter: 'reasoning.effort' is not supported with this "
-                          "model.", "reasoning.effort", "unsupported_parameter")
-        return None
-    if not is_reasoning_model(model):
-        if "reasoning_effort" in body:
-            return _error("Unrecognized request argument supplied: reasoning_effort", None, None)
-        return None
-    if "max_tokens" in body:
-        return _error("Unsupported parameter: 'max_tokens' is not supported with this model. "
-                      "Use 'max_completion_tokens' instead.", "max_tokens", "unsupported_parameter")
-    temperature = body.get("temperature", 1)
-    if temperature != 1:
-        return _error(f"Unsupported value: 'temperature' does not support {temperature} with this "
-                      "model. Only the default (1) value is supported.", "temperature",
-                      "unsupported_value")
-    return None
-
-
-def _error(message: str, param: str | None, code: str | None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "invalid_request_error", "param": param,
-                      "code": code}}
-
-
-def error_body(script: Script, model: str) -> dict[str, Any]:
-    """The JSON body of a scripted status failure, in the style the script names."""
-    if script.error_style == "litellm":
-        # LiteLLM's proxy: the message is the repr of a dict, type and param the string "None"
-        # (BerriAI/litellm#8821, #3142).
-        inner = (f"/chat/completions: Invalid model name passed in model={model}. "
-                 "Call `/v1/models` to view available models for your key.")
-        return {"error": {"message": repr({"error": inner}), "type": "None", "param": "None",
-                          "code": str(script.status)}}
-    if script.error_style == "azure_content_filter":
-        # Azure OpenAI's refusal of a prompt (openai/openai-python#331, compl-ai/compl-ai#20).
-        return {"error": {
-            "message": "The response was filtered due to the prompt triggering Azure OpenAI's "
-                       "content management policy. Please modify your prompt and retry. To learn "
-                       "more about our content filtering policies please read our documentation: "
-                       "https://go.microsoft.com/fwlink/?linkid=2198766",
-            "type": None, "param": "prompt", "code": "content_filter", "status": 400,
-            "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {
-                "hate": {"filtered": False, "severity": "safe"},
-                "jailbreak": {"filtered": False, "detected": False},
-                "self_harm": {"filtered": False, "severity": "safe"},
-                "sexual": {"filtered": False, "severity": "safe"},
-                "violence": {"filtered": True, "severity": "medium"}}}}}
-    code = script.error_code or {401: "invalid_api_key", 404: "model_not_found"}.get(script.status)
-    message = script.error_message or f"Scripted failure with status {script.status}."
-    return _error(message, None, code)
 
 
 class ChatCompletionsHandler(tornado.web.RequestHandler):
@@ -324,7 +255,8 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         if script.retry_after is not None:
             self.set_header("Retry-After", script.retry_after)
-        self.finish(error_body(script, str(json.loads(self.request.body).get("model"))))
+        self.finish(error_body(script.error_style, script.status, script.error_code,
+                               script.error_message, str(json.loads(self.request.body).get("model"))))
 
 
 class ResponsesHandler(ChatCompletionsHandler):
