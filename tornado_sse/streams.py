@@ -94,7 +94,8 @@ class Stream:
                 failure = describe(exc)
                 self.error = exc
                 log.warning("stream %s failed (%s): %s: %s", self.id, failure.code,
-                            type(exc).__name__, without_keys(str(exc)), exc_info=failure.code == "internal_error")
+                            type(exc).__name__, without_keys(str(exc)),
+                            exc_info=failure.code == "internal_error")
         finally:
             await upstream.aclose()  # closes the upstream response, whatever happened
         if failure is not None:
