@@ -5,6 +5,7 @@ parameters word for word as OpenAI does for its reasoning models."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -54,6 +55,15 @@ async def test_a_reasoning_model_answers_with_default_flags(base_url, fake: Fake
     adapted = [r for r in caplog.records if "refuses 'max_tokens'" in r.getMessage()]
     assert len(adapted) == 1 and adapted[0].levelno == logging.INFO
     assert "gpt-5-mini" in adapted[0].getMessage() and "max_completion_tokens" in adapted[0].getMessage()
+
+
+@pytest.mark.parametrize("settings", [{"model": "o1"}], indirect=True)
+async def test_questions_refused_at_the_same_time_are_all_adapted_and_logged_once(base_url, fake, caplog):
+    caplog.set_level(logging.INFO)
+    fake.script = Script(deltas=["ok"], first_token_delay=0.05)
+    answers = await asyncio.gather(*(ask(base_url, f"question=q{i}") for i in range(10)))
+    assert [a.text for a in answers] == ["ok"] * 10 and not any(a.errors for a in answers)
+    assert len([r for r in caplog.records if "refuses 'max_tokens'" in r.getMessage()]) == 1
 
 
 @pytest.mark.parametrize("settings", [{"model": "o3-mini", "temperature": 0.8}], indirect=True)

@@ -140,6 +140,7 @@ class OpenAIBackend:
     async def _post_adapting(self, messages: list[Message]) -> httpx2.Response:
         """POST the request; when the upstream refuses one of our own defaults by name, adapt
         that parameter and ask again: once per parameter, and before any token (none was sent)."""
+        tried: set[str] = set()
         while True:
             body = self.request_body(messages)
             try:
@@ -151,16 +152,19 @@ class OpenAIBackend:
                     "/chat/completions", cast_to=httpx2.Response, body=body, options=STREAMED)
             except openai.BadRequestError as exc:
                 param = refused_parameter(exc)
-                if param is None or param not in body or not self.adapt(param):
+                if param is None or param not in body or param in tried or not self.adapt(param):
                     raise
+                tried.add(param)
 
     def adapt(self, param: str) -> bool:
         """Remember that this model refuses `param`, when it is one we send on our own: the token
         limit's old name, `stream_options` (usage is a nicety). An operator's explicit choice
         (`--temperature`, `--reasoning-effort`) is never dropped: its refusal is the error."""
         adapted = self._adapted.get(self.model, ())
-        if param not in ADAPTABLE or param in adapted:
+        if param not in ADAPTABLE:
             return False
+        if param in adapted:  # another stream, refused at the same time, adapted it first
+            return True
         self._adapted[self.model] = (*adapted, param)
         self._adapted.move_to_end(self.model)
         while len(self._adapted) > MAX_ADAPTED_MODELS:
