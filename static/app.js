@@ -19,6 +19,11 @@ const NOTES = {
   lost: "The connection was lost, so the answer above was cut off.",
   reconnecting: "The connection was lost; reconnecting…",
 };
+// An answer that ended normally but not by the model's own choice says why, in words.
+const CUT = {
+  length: "The answer was cut off: it reached the length limit set on this server.",
+  content_filter: "The model provider's content filter stopped this answer.",
+};
 const REFUSED = "The server did not accept the question (it may be too long, rate-limited or need sign-in).";
 const UNREACHABLE = "The server could not be reached. Check the connection and try again.";
 
@@ -172,6 +177,7 @@ function finishTurn(turn, outcome, stream) {
   turn.note = "";
   if (outcome.kind === "end") {
     turn.status = "done";
+    turn.note = Object.hasOwn(CUT, outcome.reason ?? "") ? CUT[outcome.reason] : "";
   } else if (outcome.kind === "stopped") {
     turn.status = "stopped";
     turn.note = NOTES.stopped;

@@ -10,7 +10,8 @@ class AnswerStream {
   // url: "/ask?question=..." or "/ask?resume=...". `on` holds the callbacks:
   //   meta(meta), update(text), reasoning(text), progress() after each event (lastEventId is current),
   //   reconnecting(), done(outcome) once, with outcome.kind one of
-  //   "end" | "error" (code, message) | "lost" | "refused" | "unreachable" | "stopped".
+  //   "end" (reason: the `finish` event's, e.g. "stop", "length", "content_filter") |
+  //   "error" (code, message) | "lost" | "refused" | "unreachable" | "stopped".
   constructor(url, { resumeGrace = 0, resumed = false, on }) {
     this.on = on;
     this.resumeGrace = resumeGrace;
@@ -19,6 +20,7 @@ class AnswerStream {
     this.lastEventId = resumed ? new URL(url, location.href).searchParams.get("resume") : null;
     this.heardFromServer = resumed;
     this.finished = false;
+    this.finishReason = null;  // from the `finish` event just before the end frame
     this.droppedAt = null;
     this.retryTimer = null;
     // Speed: first token time from opening to the first update; tokens/s over the updates.
@@ -43,7 +45,7 @@ class AnswerStream {
     source.addEventListener("update", (e) => {
       this.heard(e);
       if (e.data === END_MARKER) {
-        this.finish({ kind: "end" });
+        this.finish({ kind: "end", reason: this.finishReason });
         return;
       }
       const now = performance.now();
@@ -51,6 +53,11 @@ class AnswerStream {
       this.lastUpdateAt = now;
       this.updates += 1;
       this.on.update(e.data);
+      this.on.progress();
+    });
+    source.addEventListener("finish", (e) => {
+      this.heard(e);
+      try { this.finishReason = JSON.parse(e.data).reason || null; } catch (_) { /* keep null */ }
       this.on.progress();
     });
     source.addEventListener("reasoning", (e) => {

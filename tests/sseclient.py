@@ -73,6 +73,13 @@ class Answer:
         return "".join(out)
 
     @property
+    def finish(self) -> dict[str, object] | None:
+        """The `finish` event's JSON (why the answer ended, its usage), None when there is none."""
+        found = [json.loads(data) for event, data in self.events if event == "finish"]
+        assert len(found) <= 1, found
+        return found[0] if found else None
+
+    @property
     def errors(self) -> list[str]:
         return [data for event, data in self.events if event == "error"]
 

@@ -34,7 +34,8 @@ async def test_a_stream_has_the_sse_headers_and_one_frame_per_delta(base_url, fa
         f"id: {s}.2\nevent: update\ndata: Hello\n\n"
         f"id: {s}.3\nevent: update\ndata: , \n\n"
         f"id: {s}.4\nevent: update\ndata: world\n\n"
-        f"id: {s}.5\nevent: update\ndata: <END_STREAMING_SSE>\n\n"
+        f'id: {s}.5\nevent: finish\ndata: {{"reason": "stop", "usage": {{"input_tokens": 1, "output_tokens": 3}}}}\n\n'
+        f"id: {s}.6\nevent: update\ndata: <END_STREAMING_SSE>\n\n"
     ).encode()
     assert meta["restarted"] is False and len(str(meta["conversation"])) >= 20
 
@@ -45,9 +46,9 @@ async def test_the_upstream_gets_the_question_model_and_sampling_settings(base_u
     [request] = fake.requests
     assert request["messages"] == [{"role": "user", "content": "What is SSE?"}]
     assert request["model"] == settings.model
-    assert request["temperature"] == settings.temperature
+    assert "temperature" not in request  # not set: the model's own default
     assert request["max_tokens"] == settings.max_tokens
-    assert request["stream"] is True
+    assert request["stream"] is True and request["stream_options"] == {"include_usage": True}
 
 
 TRICKY = ["a\nb", "\n\n", "x\n", "line one\nline two\n\n- item\n", "data: x", ":x", "event: y",
@@ -57,7 +58,9 @@ TRICKY = ["a\nb", "\n\n", "x\n", "line one\nline two\n\n- item\n", "data: x", ":
 async def test_tricky_deltas_reach_the_client_unchanged(base_url, fake):
     fake.script = Script(deltas=list(TRICKY))
     answer = await ask(base_url, "question=q")
-    assert [data for event, data in answer.after_meta] == [*TRICKY, "<END_STREAMING_SSE>"]
+    assert [data for event, data in answer.after_meta] == [
+        *TRICKY, json.dumps({"reason": "stop", "usage": {"input_tokens": 1, "output_tokens": len(TRICKY)}}),
+        "<END_STREAMING_SSE>"]
     assert answer.text == "".join(TRICKY)
 
 
@@ -94,7 +97,8 @@ async def test_chunk_shapes_of_real_servers_do_not_break_the_stream(base_url, fa
         {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}},
     ])
     answer = await ask(base_url, "question=q")
-    assert answer.after_meta == [("reasoning", "thinking..."), ("update", "Answer"), END]
+    assert answer.after_meta[:2] == [("reasoning", "thinking..."), ("update", "Answer")]
+    assert answer.after_meta[2][0] == "finish" and answer.events[-1] == END
     assert b"None" not in answer.body and b"null" not in answer.body
 
 
@@ -127,7 +131,7 @@ def assert_failed_cleanly(answer: Answer, script: Script, code: str, words: str,
     before the failure kept; no traceback, path or key anywhere."""
     assert answer.status == 200
     assert answer.events[-1] == END
-    assert answer.events[-2][0] == "error"
+    assert answer.events[-2][0] == "error" and answer.finish is None  # a failure sends no finish
     error = json.loads(answer.events[-2][1])
     assert error["code"] == code
     assert words in error["message"]

@@ -26,7 +26,8 @@ FLAGS = ["--api", "--upstream-transport", "--log-format", "--log-content", "--pu
          "--idle-timeout", "--max-retries", "--keepalive", "--send-timeout", "--max-streams",
          "--rate-limit", "--rate-burst", "--trust-proxy-headers", "--allowed-origins", "--access-token",
          "--certfile", "--keyfile", "--drain-timeout", "--resume-grace", "--resume-buffer",
-         "--max-turns", "--max-conversation-chars", "--conversation-ttl", "--max-conversations"]
+         "--max-turns", "--max-conversation-chars", "--conversation-ttl", "--max-conversations",
+         "--reasoning-effort", "--system-prompt", "--system-prompt-file"]
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
 
 
@@ -35,7 +36,7 @@ def test_help_lists_every_flag_with_its_default(command: list[str]) -> None:
     out = subprocess.run([*command, "--help"], capture_output=True, text=True, check=True).stdout
     for flag in FLAGS:
         assert flag in out
-    assert "default: 127.0.0.1" in out and "default: 8888" in out and "default: 0.8" in out
+    assert "default: 127.0.0.1" in out and "default: 8888" in out and "default: 1024" in out
     assert "OPENAI_API_KEY" in out and "OPENAI_BASE_URL" in out
 
 
@@ -144,7 +145,8 @@ def test_openai_base_url_points_the_server_at_another_upstream() -> None:
         with running("--model", "llama3.2", env=env) as (_, port, lines):
             assert any(f"backend: openai, model llama3.2 at {base_url} (chat API)" in line for line in lines)
             events = parse_events(fetch(port, "/ask?question=hi"))
-            assert "".join(d for e, d in events[1:-1]) == "tok0 tok1 tok2 tok3 tok4 "
+            assert "".join(d for e, d in events[1:-2]) == "tok0 tok1 tok2 tok3 tok4 "
+            assert events[-2] == ("finish", '{"reason": "stop", "usage": {"input_tokens": 1, "output_tokens": 5}}')
     finally:
         upstream.kill()
         upstream.wait()

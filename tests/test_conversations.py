@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 
@@ -22,7 +23,7 @@ class Clock:
 
 
 def store(clock: Clock | None = None, **bounds: int) -> ConversationStore:
-    limits = {"max_turns": 3, "max_chars": 1000, "ttl": 60, "max_conversations": 3, **bounds}
+    limits: dict[str, Any] = {"max_turns": 3, "max_chars": 1000, "ttl": 60, "max_conversations": 3, **bounds}
     return ConversationStore(**limits, clock=clock or Clock())
 
 

@@ -16,10 +16,10 @@ import tornado.web
 from openai.types.responses import ResponseError, ResponseErrorEvent, ResponseFailedEvent
 
 from tornado_sse.app import make_app
-from tornado_sse.backend import Delta
+from tornado_sse.backend import Delta, Finish, Usage
 from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.errors import ErrorInStream, IncompleteStream, MalformedChunk
-from tornado_sse.responses import COMPLETED, ResponsesBackend, parse_response_event
+from tornado_sse.responses import ResponsesBackend, parse_response_event
 from tornado_sse.settings import Settings
 
 from .conftest import API_KEY, with_settings
@@ -60,7 +60,9 @@ async def test_each_output_text_delta_becomes_one_update_frame(base_url, fake: F
     fake.script = Script(deltas=["Hello", ", ", "world"])
     answer = await ask(base_url, "question=hi")
     assert answer.status == 200
-    assert answer.after_meta == [("update", "Hello"), ("update", ", "), ("update", "world"), END]
+    assert answer.after_meta == [("update", "Hello"), ("update", ", "), ("update", "world"),
+                                 ("finish", '{"reason": "stop", "usage": {"input_tokens": 1, "output_tokens": 3}}'),
+                                 END]
     assert fake.completed == 1
 
 
@@ -71,17 +73,19 @@ async def test_the_upstream_gets_input_messages_model_and_max_output_tokens(base
     [request] = fake.requests
     assert request["input"] == [{"role": "user", "content": "What is SSE?"}]
     assert request["model"] == settings.model
-    assert request["temperature"] == settings.temperature
     assert request["max_output_tokens"] == settings.max_tokens
     assert request["stream"] is True
     assert "messages" not in request and "max_tokens" not in request
+    assert "temperature" not in request and "reasoning" not in request  # not set: not sent
 
 
 @pytest.mark.gen_test
 async def test_tricky_deltas_reach_the_client_unchanged(base_url, fake):
     fake.script = Script(deltas=list(TRICKY))
     answer = await ask(base_url, "question=q")
-    assert [data for event, data in answer.after_meta] == [*TRICKY, "<END_STREAMING_SSE>"]
+    assert [data for event, data in answer.after_meta] == [
+        *TRICKY, json.dumps({"reason": "stop", "usage": {"input_tokens": 1, "output_tokens": len(TRICKY)}}),
+        "<END_STREAMING_SSE>"]
     assert answer.text == "".join(TRICKY)
 
 
@@ -102,8 +106,9 @@ async def test_reasoning_deltas_are_reasoning_events_never_answer_text(base_url,
         "Answer",
     ])
     answer = await ask(base_url, "question=q")
-    assert answer.after_meta == [("reasoning", "Thinking"), ("reasoning", " hard..."),
-                                 ("reasoning", "raw thought"), ("update", "Answer"), END]
+    assert answer.after_meta[:-2] == [("reasoning", "Thinking"), ("reasoning", " hard..."),
+                                      ("reasoning", "raw thought"), ("update", "Answer")]
+    assert answer.finish is not None and answer.finish["reason"] == "stop"
     assert answer.text == "Answer"
 
 
@@ -121,7 +126,7 @@ async def test_events_without_answer_text_are_ignored(base_url, fake):
         b": a comment line\n\n",
     ])
     answer = await ask(base_url, "question=q")
-    assert answer.after_meta == [("update", "Answer"), END]
+    assert answer.after_meta[:-2] == [("update", "Answer")] and answer.events[-2][0] == "finish"
 
 
 @pytest.mark.gen_test
@@ -145,7 +150,7 @@ async def test_every_failure_ends_with_the_chat_backends_error_code_and_the_end_
 RESPONSES_FAILURES = [
     (Script(deltas=["a", "b"], fail="error_event", fail_after=1, stream_error="response.failed"),
      "upstream_error"),
-    (Script(deltas=["a", incomplete("content_filter")]), "upstream_error"),
+    (Script(deltas=["a", incomplete("failed_somehow")]), "upstream_error"),
     (Script(deltas=["a", {"type": "error", "error": {"type": "server_error", "message": "boom"}}]),
      "upstream_error"),
     (Script(deltas=["a", b"data: [DONE]\n\n"]), "upstream_incomplete"),
@@ -156,7 +161,7 @@ RESPONSES_FAILURES = [
 
 @pytest.mark.gen_test
 @pytest.mark.parametrize("script, code", RESPONSES_FAILURES, ids=[
-    "response.failed", "incomplete-content_filter", "nested-error", "DONE-before-completed",
+    "response.failed", "incomplete-other", "nested-error", "DONE-before-completed",
     "no-type", "delta-not-text"])
 async def test_responses_own_failure_events_end_with_an_error_event(base_url, fake, script, code):
     fake.script = script
@@ -169,8 +174,33 @@ async def test_responses_own_failure_events_end_with_an_error_event(base_url, fa
 async def test_incomplete_at_max_output_tokens_ends_normally_like_a_length_stop(base_url, fake):
     fake.script = Script(deltas=["cut ", "short", incomplete("max_output_tokens"), "never sent"])
     answer = await ask(base_url, "question=q")
-    assert answer.after_meta == [("update", "cut "), ("update", "short"), END]
+    assert answer.after_meta == [("update", "cut "), ("update", "short"),
+                                 ("finish", '{"reason": "length"}'), END]
     assert not answer.errors
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("settings", [{"model": "gpt-5-mini", "reasoning_effort": "low"}], indirect=True)
+async def test_reasoning_effort_streams_the_reasoning_summary_as_reasoning_events(base_url, fake):
+    fake.script = Script(deltas=["The ", "answer"], summary=["Weighing ", "it."])
+    answer = await ask(base_url, "question=q")
+    assert answer.after_meta == [("reasoning", "Weighing "), ("reasoning", "it."),
+                                 ("update", "The "), ("update", "answer"),
+                                 ("finish", '{"reason": "stop", "usage": {"input_tokens": 1, "output_tokens": 2}}'),
+                                 END]
+    [request] = fake.requests
+    assert request["reasoning"] == {"effort": "low", "summary": "auto"}
+    assert "temperature" not in request
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("settings", [{"model": "o4-mini", "temperature": 0.2}], indirect=True)
+async def test_an_explicit_temperature_a_reasoning_model_refuses_is_the_providers_error(base_url, fake):
+    answer = await ask(base_url, "question=q")
+    error = json.loads(answer.errors[0])
+    assert error["code"] == "upstream_bad_request" and answer.events[-1] == END
+    assert error["message"].endswith(
+        "The provider said: \"Unsupported parameter: 'temperature' is not supported with this model.\"")
 
 
 @pytest.mark.gen_test
@@ -271,6 +301,29 @@ async def test_the_sdks_typed_parser_reads_the_fakes_stream(upstream):
 
 
 @pytest.mark.gen_test
+async def test_the_sdks_typed_parser_reads_the_fakes_reasoning_summary(upstream):
+    upstream[0].script = Script(deltas=["ok"], summary=["Sum", "mary"])
+    client = sdk_client(upstream)
+    try:
+        stream = await client.responses.create(model="gpt-5-mini", input="hi", stream=True,
+                                               reasoning={"effort": "minimal", "summary": "auto"})
+        events = [event async for event in stream]
+    finally:
+        await client.close()
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[2:9] == ["ResponseOutputItemAddedEvent", "ResponseReasoningSummaryPartAddedEvent",
+                          *["ResponseReasoningSummaryTextDeltaEvent"] * 2,
+                          "ResponseReasoningSummaryTextDoneEvent", "ResponseReasoningSummaryPartDoneEvent",
+                          "ResponseOutputItemDoneEvent"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    done = events[-1]
+    assert done.type == "response.completed" and done.response.output_text == "ok"
+    [reasoning, _] = done.response.output
+    assert reasoning.type == "reasoning" and reasoning.summary[0].text == "Summary"
+    assert done.response.reasoning is not None and done.response.reasoning.effort == "minimal"
+
+
+@pytest.mark.gen_test
 async def test_the_sdks_stream_helper_accumulates_the_fakes_events_into_the_final_response(upstream):
     upstream[0].script = Script(deltas=["a", "b", "c"])
     client = sdk_client(upstream)
@@ -321,21 +374,25 @@ async def test_the_sdk_reads_the_fakes_status_failures_as_its_typed_errors(upstr
     (b'{"type":"response.output_text.delta","delta":""}', None),
     (b'{"type":"response.reasoning_summary_text.delta","delta":"hm"}', Delta("reasoning", "hm")),
     (b'{"type":"response.reasoning_text.delta","delta":"hm"}', Delta("reasoning", "hm")),
-    (b'{"type":"response.completed","response":{}}', COMPLETED),
+    (b'{"type":"response.completed","response":{}}', Finish("stop")),
+    (b'{"type":"response.completed","response":{"usage":{"input_tokens":3,"output_tokens":5}}}',
+     Finish("stop", Usage(3, 5))),
     (b'{"type":"response.incomplete","response":{"incomplete_details":{"reason":"max_output_tokens"}}}',
-     COMPLETED),
+     Finish("length")),
+    (b'{"type":"response.incomplete","response":{"incomplete_details":{"reason":"content_filter"}}}',
+     Finish("content_filter")),
     (b'{"type":"response.created","response":{"error":null}}', None),
     (b'{"type":"response.output_text.done","text":"all"}', None),
     (b'{"type":"response.refusal.delta","delta":"no"}', None),
 ])
-def test_response_events_parse_to_deltas(data: bytes, parsed: Delta | None) -> None:
+def test_response_events_parse_to_deltas(data: bytes, parsed: Delta | Finish | None) -> None:
     assert parse_response_event(data) == parsed
 
 
 @pytest.mark.parametrize("data, error", [
     (b'{"type":"error","code":"server_error","message":"boom","param":null}', ErrorInStream),
     (b'{"type":"response.failed","response":{"status":"failed"}}', ErrorInStream),
-    (b'{"type":"response.incomplete","response":{"incomplete_details":{"reason":"content_filter"}}}',
+    (b'{"type":"response.incomplete","response":{"incomplete_details":{"reason":"other"}}}',
      ErrorInStream),
     (b'{"type":"response.incomplete","response":null}', ErrorInStream),
     (b'{"error":{"message":"boom"}}', ErrorInStream),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tornado_sse import sse
-from tornado_sse.backend import EventStreamDecoder, parse_chat_chunk
+from tornado_sse.backend import EventStreamDecoder, Usage, chunk_ending, parse_chat_chunk
 from tornado_sse.errors import ErrorInStream, MalformedChunk
 
 from .sseclient import parse_events
@@ -118,7 +118,35 @@ def test_upstream_decoder_handles_every_line_ending_and_every_split(newline: byt
     ],
 )
 def test_chunk_shapes_real_servers_send(chunk: bytes, parsed: tuple[str | None, str | None]) -> None:
-    assert parse_chat_chunk(chunk) == parsed
+    assert parse_chat_chunk(chunk)[:2] == parsed
+
+
+@pytest.mark.parametrize(
+    "chunks, ending",
+    [
+        # OpenAI: the finish chunk, then (stream_options.include_usage) the usage chunk
+        ([b'{"choices": [{"delta": {}, "finish_reason": "length"}], "usage": null}',
+          b'{"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7, "total_tokens": 10}}'],
+         ("length", Usage(3, 7))),
+        # vLLM and others: the usage on the finish chunk itself
+        ([b'{"choices": [{"delta": {"content": "x"}, "finish_reason": "content_filter"}], '
+          b'"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}'],
+         ("content_filter", Usage(1, 2))),
+        ([b'{"choices": [{"delta": {"content": "x"}, "finish_reason": null}]}'], (None, None)),
+        ([b'{"choices": [], "usage": {"total_tokens": 3}}'], (None, None)),
+        ([b'{"choices": [{"delta": {}, "finish_reason": "stop"}]}', b'{"choices": [], "usage": null}'],
+         ("stop", None)),
+    ],
+)
+def test_the_finish_reason_and_usage_come_from_the_last_chunks(
+        chunks: list[bytes], ending: tuple[str | None, Usage | None]) -> None:
+    reason: str | None = None
+    usage: Usage | None = None
+    for chunk in chunks:
+        tail = parse_chat_chunk(chunk)[2]
+        if tail is not None:
+            reason, usage = chunk_ending(tail, reason, usage)
+    assert (reason, usage) == ending
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,8 @@ def make_app(settings: Settings, backend: Backend) -> tornado.web.Application:
     conversations, and the count the limits and the shutdown use."""
     conversations = ConversationStore(
         max_turns=settings.max_turns, max_chars=settings.max_conversation_chars,
-        ttl=settings.conversation_ttl, max_conversations=settings.max_conversations)
+        ttl=settings.conversation_ttl, max_conversations=settings.max_conversations,
+        system_prompt=settings.system_prompt)
     registry = StreamRegistry(backend, conversations, max_streams=settings.max_streams,
                               resume_grace=settings.resume_grace, resume_buffer=settings.resume_buffer)
     limiter = RateLimiter(settings.rate_limit, settings.rate_burst)

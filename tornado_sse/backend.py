@@ -13,8 +13,11 @@ and the raw bytes also tell a finished stream (`data: [DONE]`) from a cut-off on
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import httpx2
 import jiter
@@ -25,7 +28,19 @@ from .settings import Settings
 from .transport import FastTransport
 from .watchdog import Watchdog
 
+log = logging.getLogger(__name__)
+
 Message = dict[str, str]
+# Parameters we send by default and adapt when a model refuses them by name: renamed (OpenAI's
+# reasoning models: "Unsupported parameter: 'max_tokens' is not supported with this model. Use
+# 'max_completion_tokens' instead.", code unsupported_parameter), or left out (Azure's older API
+# versions: "Unrecognized request argument supplied: stream_options", param and code null).
+RENAMED = {"max_tokens": "max_completion_tokens"}
+ADAPTABLE = frozenset({"max_tokens", "stream_options"})
+MAX_ADAPTED_MODELS = 64
+# How servers name a refused parameter in the message, when `param` is null.
+_REFUSED = re.compile(r"(?:Unsupported parameter: |Unrecognized request argument supplied: |"
+                      r"Unsupported value: )'?([A-Za-z_.]+)'?")
 # The SDK's own header for "hand the response over unread", as with_streaming_response sends it.
 STREAMED: openai.RequestOptions = {"headers": {"X-Stainless-Raw-Response": "stream"}}
 
@@ -35,11 +50,23 @@ class Delta(NamedTuple):
     text: str
 
 
+class Usage(NamedTuple):
+    input_tokens: int
+    output_tokens: int
+
+
+class Finish(NamedTuple):
+    """A stream's last item when it ended as its protocol says: why (the upstream's
+    `finish_reason`: stop, length, content_filter, ...), and the tokens it counted, if it did."""
+    reason: str
+    usage: Usage | None = None
+
+
 class Backend(Protocol):
     name: str
     model: str
 
-    def stream(self, messages: list[Message]) -> AsyncGenerator[Delta, None]: ...
+    def stream(self, messages: list[Message]) -> AsyncGenerator[Delta | Finish, None]: ...
 
     async def close(self) -> None: ...
 
@@ -51,6 +78,8 @@ class OpenAIBackend:
         self.name = name
         self.model = settings.model
         self._settings = settings
+        # model -> the parameters it refused, least recently adapted first (MAX_ADAPTED_MODELS)
+        self._adapted: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         # Reads have no httpx limit: the Watchdog bounds the first token and every silence after.
         timeout = httpx2.Timeout(None, connect=settings.connect_timeout, pool=settings.connect_timeout)
         self._client = openai.AsyncOpenAI(
@@ -62,34 +91,87 @@ class OpenAIBackend:
             http_client=make_http_client(settings, timeout),
         )
 
-    async def stream(self, messages: list[Message]) -> AsyncGenerator[Delta, None]:
+    async def stream(self, messages: list[Message]) -> AsyncGenerator[Delta | Finish, None]:
         s = self._settings
-        body = {"model": s.model, "messages": messages, "temperature": s.temperature,
-                "max_tokens": s.max_tokens, "stream": True}
         async with Watchdog(s.first_token_timeout, s.idle_timeout) as watchdog:
-            # The SDK's generic `post` (its way to call any endpoint): the same auth, retries and
-            # typed errors as `chat.completions.create`, without running the parameters through
-            # their TypedDict transforms on every request, a fifth of a stream's set-up CPU.
-            response = await self._client.post(
-                "/chat/completions", cast_to=httpx2.Response, body=body, options=STREAMED)
+            response = await self._post_adapting(messages)
             try:
                 chunks = response.aiter_bytes()
                 events = EventStreamDecoder()
+                reason: str | None = None
+                usage: Usage | None = None
                 async for chunk in chunks:
                     for data in events.feed(chunk):
                         if data == b"[DONE]":
+                            # A server that names no finish_reason ended normally all the same.
+                            yield Finish(reason or "stop", usage)
                             await drain(chunks)
                             return
-                        content, reasoning = parse_chat_chunk(data)
+                        content, reasoning, tail = parse_chat_chunk(data)
                         if reasoning:
                             watchdog.touch()
                             yield Delta("reasoning", reasoning)
                         if content:
                             watchdog.touch()
                             yield Delta("update", content)
+                        if tail is not None:  # the last chunks: finish_reason, then usage
+                            reason, usage = chunk_ending(tail, reason, usage)
                 raise IncompleteStream("the upstream ended the stream without data: [DONE]")
             finally:
                 await response.aclose()  # early: the upstream sees its connection closed at once
+
+    def request_body(self, messages: list[Message]) -> dict[str, Any]:
+        """The Chat Completions request, with what this model refused adapted (see `adapt`)."""
+        s = self._settings
+        body: dict[str, Any] = {"model": s.model, "messages": messages, "stream": True,
+                                # OpenAI sends a usage chunk (`choices: []`) only when asked to.
+                                "stream_options": {"include_usage": True},
+                                "max_tokens": s.max_tokens}
+        if s.temperature is not None:
+            body["temperature"] = s.temperature
+        if s.reasoning_effort is not None:
+            body["reasoning_effort"] = s.reasoning_effort
+        for param in self._adapted.get(s.model, ()):
+            value = body.pop(param, None)
+            if param in RENAMED and value is not None:
+                body[RENAMED[param]] = value
+        return body
+
+    async def _post_adapting(self, messages: list[Message]) -> httpx2.Response:
+        """POST the request; when the upstream refuses one of our own defaults by name, adapt
+        that parameter and ask again: once per parameter, and before any token (none was sent)."""
+        tried: set[str] = set()
+        while True:
+            body = self.request_body(messages)
+            try:
+                # The SDK's generic `post` (its way to call any endpoint): the same auth, retries
+                # and typed errors as `chat.completions.create`, without running the parameters
+                # through their TypedDict transforms on every request, a fifth of a stream's
+                # set-up CPU.
+                return await self._client.post(
+                    "/chat/completions", cast_to=httpx2.Response, body=body, options=STREAMED)
+            except openai.BadRequestError as exc:
+                param = refused_parameter(exc)
+                if param is None or param not in body or param in tried or not self.adapt(param):
+                    raise
+                tried.add(param)
+
+    def adapt(self, param: str) -> bool:
+        """Remember that this model refuses `param`, when it is one we send on our own: the token
+        limit's old name, `stream_options` (usage is a nicety). An operator's explicit choice
+        (`--temperature`, `--reasoning-effort`) is never dropped: its refusal is the error."""
+        adapted = self._adapted.get(self.model, ())
+        if param not in ADAPTABLE:
+            return False
+        if param in adapted:  # another stream, refused at the same time, adapted it first
+            return True
+        self._adapted[self.model] = (*adapted, param)
+        self._adapted.move_to_end(self.model)
+        while len(self._adapted) > MAX_ADAPTED_MODELS:
+            self._adapted.popitem(last=False)
+        log.info("the upstream refuses %r for model %s: %s from now on", param, self.model,
+                 f"sending {RENAMED[param]!r} instead" if param in RENAMED else "leaving it out")
+        return True
 
     async def close(self) -> None:
         await self._client.close()
@@ -106,11 +188,12 @@ def make_http_client(settings: Settings, timeout: httpx2.Timeout) -> httpx2.Asyn
         timeout=timeout, limits=httpx2.Limits(max_connections=None, max_keepalive_connections=200))
 
 
-def parse_chat_chunk(data: bytes) -> tuple[str | None, str | None]:
-    """A `chat.completion.chunk` -> (answer text, reasoning text), either of them None.
+def parse_chat_chunk(data: bytes) -> tuple[str | None, str | None, dict[str, Any] | None]:
+    """A `chat.completion.chunk` -> (answer text, reasoning text, the chunk itself when it says
+    how the stream ends: a `finish_reason` or `usage`), each of them None when absent.
 
     Chunks with no choices (Azure's prompt-filter results, the usage chunk), a null or missing
-    `content` and finish chunks are normal and give (None, None).
+    `content` and finish chunks are normal and give no text.
     """
     try:
         chunk = jiter.from_json(data)  # the openai SDK's own JSON parser, 3x json.loads here
@@ -122,16 +205,46 @@ def parse_chat_chunk(data: bytes) -> tuple[str | None, str | None]:
         raise ErrorInStream(f"error object in the stream: {data[:500]!r}")
     choices = chunk.get("choices")
     if not choices:
-        return None, None
+        return None, None, chunk if chunk.get("usage") else None
     try:
-        delta = choices[0].get("delta") or {}
+        choice = choices[0]
+        delta = choice.get("delta") or {}
         content = delta.get("content")
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        ending = choice.get("finish_reason") or chunk.get("usage")
     except (AttributeError, LookupError, TypeError):
         raise MalformedChunk(f"unexpected chunk shape: {data[:200]!r}") from None
     if not isinstance(content, (str, type(None))) or not isinstance(reasoning, (str, type(None))):
         raise MalformedChunk(f"delta text is not a string: {data[:200]!r}")
-    return content, reasoning
+    return content, reasoning, chunk if ending else None
+
+
+def chunk_ending(chunk: dict[str, Any], reason: str | None,
+                 usage: Usage | None) -> tuple[str | None, Usage | None]:
+    """The finish reason and usage so far, updated from a chunk that carries either. OpenAI
+    sends `finish_reason` on the last choice chunk, then (asked with `stream_options`) a chunk
+    with `choices: []` and `usage: {prompt_tokens, completion_tokens, ...}`; vLLM and others may
+    put usage on the finish chunk itself."""
+    choices = chunk.get("choices")
+    if choices and isinstance(choices[0].get("finish_reason"), str):
+        reason = choices[0]["finish_reason"]
+    counted = chunk.get("usage")
+    if isinstance(counted, dict):
+        prompt, completion = counted.get("prompt_tokens"), counted.get("completion_tokens")
+        if isinstance(prompt, int) and isinstance(completion, int):
+            usage = Usage(prompt, completion)
+    return reason, usage
+
+
+def refused_parameter(exc: openai.APIStatusError) -> str | None:
+    """The request parameter a 400 refuses by name: OpenAI's `param` (`max_tokens`), or the name
+    in a message such as "Unrecognized request argument supplied: stream_options"."""
+    if exc.param:
+        return exc.param
+    body = exc.body if isinstance(exc.body, dict) else {}
+    message = body.get("message")
+    found = _REFUSED.search(message) if isinstance(message, str) else None
+    return found.group(1) if found else None
 
 
 class EventStreamDecoder:

@@ -26,7 +26,7 @@ from .app import make_app, make_server
 from .backend import Backend, OpenAIBackend
 from .demo import FakeUpstream, Script
 from .responses import ResponsesBackend
-from .settings import APIS, BACKENDS, LOG_LEVELS, Settings, SettingsError
+from .settings import APIS, BACKENDS, LOG_LEVELS, REASONING_EFFORTS, Settings, SettingsError
 from .streams import StreamRegistry
 from .systemd import Notifier
 
@@ -58,8 +58,14 @@ FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--api", str, "chat: Chat Completions (every compatible server); responses: OpenAI's "
      "Responses API; one of " + "|".join(APIS)),
     ("--model", str, "model name sent to the upstream"),
-    ("--temperature", float, "sampling temperature"),
-    ("--max-tokens", int, "longest answer, in tokens"),
+    ("--temperature", float, "sampling temperature (none: the model's default; reasoning models "
+     "accept no other)"),
+    ("--max-tokens", int, "longest answer, in tokens (sent as max_completion_tokens to models "
+     "that refuse max_tokens)"),
+    ("--reasoning-effort", str, "how hard a reasoning model thinks, one of "
+     + "|".join(REASONING_EFFORTS) + " (none: not sent)"),
+    ("--system-prompt", str, "the operator's system message, sent first in every request"),
+    ("--system-prompt-file", str, "a UTF-8 file holding the system message"),
     ("--max-question-chars", int, "longest question accepted (longer: 413)"),
     ("--connect-timeout", float, "seconds to connect to the upstream"),
     ("--first-token-timeout", float, "seconds to wait for the first token"),
@@ -131,10 +137,27 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
     p.formatter_class = argparse.HelpFormatter  # the defaults are in the help texts already
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     try:
-        return Settings(**{**values, **args}).with_environment(environ)
+        return read_system_prompt(Settings(**{**values, **args}).with_environment(environ))
     except SettingsError as exc:
         p.error(str(exc))  # one clear line and exit 2, no traceback
         raise  # unreachable: p.error exits
+
+
+def read_system_prompt(settings: Settings) -> Settings:
+    """--system-prompt-file's text becomes the system prompt, read once at start-up."""
+    if settings.system_prompt_file is None:
+        return settings
+    try:
+        with open(settings.system_prompt_file, encoding="utf-8") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise SettingsError(f"invalid --system-prompt-file: {settings.system_prompt_file!r} "
+                            f"(accepted: a readable UTF-8 file; {reason})") from None
+    if not text:
+        raise SettingsError(f"invalid --system-prompt-file: {settings.system_prompt_file!r} "
+                            "(accepted: a file with some text; it is empty)")
+    return dataclasses.replace(settings, system_prompt=text, system_prompt_file=None)
 
 
 def make_backend(settings: Settings) -> Backend:

@@ -26,10 +26,12 @@ class Conversation:
     id: str
     turns: list[Turn] = field(default_factory=list)
     used: float = 0.0
+    system: str | None = None  # the operator's system prompt when it started; never trimmed
 
     def messages(self, question: str) -> list[Message]:
-        """The turns so far, then the new question, as Chat Completions messages."""
-        messages: list[Message] = []
+        """The system prompt, the turns so far, then the new question, as Chat Completions
+        messages."""
+        messages: list[Message] = [{"role": "system", "content": self.system}] if self.system else []
         for turn in self.turns:
             messages.append({"role": "user", "content": turn.question})
             answer = turn.answer + CUT_OFF_NOTE if turn.cut_off else turn.answer
@@ -40,7 +42,8 @@ class Conversation:
 
 class ConversationStore:
     def __init__(self, *, max_turns: int, max_chars: int, ttl: float, max_conversations: int,
-                 clock: Callable[[], float] = time.monotonic):
+                 system_prompt: str | None = None, clock: Callable[[], float] = time.monotonic):
+        self._system_prompt = system_prompt
         self._max_turns = max_turns
         self._max_chars = max_chars
         self._ttl = ttl
@@ -57,7 +60,7 @@ class ConversationStore:
         self._expire(now)
         conversation = self._items.get(id) if id else None
         if conversation is None:
-            conversation = Conversation(secrets.token_urlsafe(16))
+            conversation = Conversation(secrets.token_urlsafe(16), system=self._system_prompt)
             self._items[conversation.id] = conversation
             while len(self._items) > self._max:
                 self._items.popitem(last=False)

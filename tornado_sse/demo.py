@@ -1,7 +1,8 @@
 """An OpenAI-compatible streaming upstream: the demo backend, the tests' fake and the benchmarks'.
 
 It speaks the exact Chat Completions wire format (a role chunk, content chunks, a finish chunk,
-`data: [DONE]`), so the demo runs the same `openai` SDK path as production; `POST /v1/responses`
+the usage chunk when asked for, `data: [DONE]`), so the demo runs the same `openai` SDK path as
+production, and it is as strict as OpenAI about reasoning models' parameters (`refusal`); `POST /v1/responses`
 speaks the Responses API's event stream the same way. A `Script` says what to send and how to
 fail; the upstream records every request and every client that went away.
 
@@ -27,6 +28,8 @@ import tornado.netutil
 import tornado.web
 from tornado.iostream import StreamClosedError
 
+from .demo_errors import ErrorStyle, error_body, is_reasoning_model, refusal
+
 FailureKind = Literal["status", "hang", "malformed", "error_event", "truncate", "reset", "stall"]
 FAILURES: tuple[str, ...] = FailureKind.__args__  # type: ignore[attr-defined]
 
@@ -49,6 +52,16 @@ class Script:
     fail_times: int | None = None  # fail only the first N requests (None: every one)
     # for fail="error_event" on /v1/responses: the event that reports it
     stream_error: Literal["error", "response.failed"] = "error"
+    # for fail="status": whose error body. litellm: LiteLLM's 400 for an unknown model;
+    # azure_content_filter: Azure OpenAI's 400 when its content filter refuses the question.
+    error_style: ErrorStyle = "openai"
+    error_message: str | None = None  # for fail="status": the error body's message
+    finish_reason: str = "stop"  # of the last chunk
+    # Parameters refused as an older server refuses them (Azure's older API versions):
+    # "Unrecognized request argument supplied: <name>", param and code null.
+    refuse: tuple[str, ...] = ()
+    # /v1/responses, a reasoning model asked for `reasoning.summary`: the summary's deltas
+    summary: list[str] = field(default_factory=lambda: ["Reading the question. ", "Answering it."])
 
 
 @dataclass
@@ -105,18 +118,36 @@ def demo_reply(question: str) -> list[str]:
 _ID = "chatcmpl-tornado-sse-demo"
 
 
-def _chunk(model: str, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-    obj = {
+def _chunk(model: str, delta: dict[str, Any], finish_reason: str | None = None,
+           usage: bool = False) -> bytes:
+    obj: dict[str, Any] = {
         "id": _ID,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
     }
+    if usage:  # asked for usage, every chunk has the field, null until the last (OpenAI's docs)
+        obj["usage"] = None
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _usage_chunk(model: str, prompt_tokens: int, completion_tokens: int) -> bytes:
+    """OpenAI's last chunk with `stream_options: {"include_usage": true}`: no choices, the usage."""
+    obj = {"id": _ID, "object": "chat.completion.chunk", "created": int(time.time()),
+           "model": model, "choices": [],
+           "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                     "total_tokens": prompt_tokens + completion_tokens,
+                     "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                     "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                                   "accepted_prediction_tokens": 0,
+                                                   "rejected_prediction_tokens": 0}}}
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
 class ChatCompletionsHandler(tornado.web.RequestHandler):
+    api: Literal["chat", "responses"] = "chat"
+
     def initialize(self, fake: FakeUpstream) -> None:
         self.fake = fake
         self.chunks_written = 0
@@ -141,6 +172,11 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
         if script.fail_times is not None and len(self.fake.requests) > script.fail_times:
             script = dataclasses.replace(script, fail=None)
         model = str(body.get("model", "demo"))
+        refused = refusal(model, body, script.refuse, self.api)
+        if refused is not None:
+            self.set_status(400)
+            self.finish(refused)
+            return
         if script.fail == "status":
             await self.fail_with_status(script)
             return
@@ -178,20 +214,28 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
             yield f"{time.monotonic_ns()} " if script.stamp and isinstance(delta, str) else delta
 
     async def stream(self, script: Script, model: str, deltas: list[str | dict[str, Any] | bytes]) -> None:
-        await self.send(_chunk(model, {"role": "assistant", "content": ""}))
+        body = json.loads(self.request.body)
+        options = body.get("stream_options")
+        usage = isinstance(options, dict) and options.get("include_usage") is True
+        await self.send(_chunk(model, {"role": "assistant", "content": ""}, usage=usage))
+        sent = 0
         async for delta in self.paced(script, deltas):
             if isinstance(delta, bytes):
                 await self.send(delta)
             elif isinstance(delta, dict):
                 await self.send(b"data: " + json.dumps(delta).encode() + b"\n\n")
             else:
-                await self.send(_chunk(model, {"content": delta}))
+                sent += 1
+                await self.send(_chunk(model, {"content": delta}, usage=usage))
         if self.gone.is_set():
             return
         if script.fail is not None:
             await self.fail_midway(script)
             return
-        await self.send(_chunk(model, {}, finish_reason="stop"))
+        await self.send(_chunk(model, {}, finish_reason=script.finish_reason, usage=usage))
+        if usage:
+            prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages") or [])
+            await self.send(_usage_chunk(model, prompt, sent))
         await self.send(b"data: [DONE]\n\n")
         self.fake.completed += 1
 
@@ -214,9 +258,8 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         if script.retry_after is not None:
             self.set_header("Retry-After", script.retry_after)
-        code = script.error_code or {401: "invalid_api_key", 404: "model_not_found"}.get(script.status)
-        self.finish({"error": {"message": f"Scripted failure with status {script.status}.",
-                               "type": "invalid_request_error", "param": None, "code": code}})
+        self.finish(error_body(script.error_style, script.status, script.error_code,
+                               script.error_message, str(json.loads(self.request.body).get("model"))))
 
 
 class ResponsesHandler(ChatCompletionsHandler):
@@ -228,6 +271,8 @@ class ResponsesHandler(ChatCompletionsHandler):
     per delta, the text, part and item done, and `response.completed` with the whole response
     and its usage. A dict delta is a whole event object (its `sequence_number` filled in).
     """
+
+    api = "responses"
 
     def initialize(self, fake: FakeUpstream) -> None:
         super().initialize(fake)
@@ -255,11 +300,16 @@ class ResponsesHandler(ChatCompletionsHandler):
         response = _response_object(model, body)
         await self.send_event("response.created", response=response)
         await self.send_event("response.in_progress", response=response)
+        output: list[dict[str, Any]] = []
+        reasoning = body.get("reasoning")
+        if is_reasoning_model(model) and isinstance(reasoning, dict) and reasoning.get("summary"):
+            output.append(await self.stream_summary(script))
+        index = len(output)
         item_id = "msg_" + secrets.token_hex(24)
         item: dict[str, Any] = {"id": item_id, "type": "message", "status": "in_progress",
                                 "content": [], "role": "assistant"}
-        await self.send_event("response.output_item.added", output_index=0, item=item)
-        at = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        await self.send_event("response.output_item.added", output_index=index, item=item)
+        at = {"item_id": item_id, "output_index": index, "content_index": 0}
         part: dict[str, Any] = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
         await self.send_event("response.content_part.added", **at, part=part)
         text: list[str] = []
@@ -280,16 +330,35 @@ class ResponsesHandler(ChatCompletionsHandler):
         await self.send_event("response.output_text.done", **at, text=part["text"], logprobs=[])
         await self.send_event("response.content_part.done", **at, part=part)
         item = {**item, "status": "completed", "content": [part]}
-        await self.send_event("response.output_item.done", output_index=0, item=item)
+        await self.send_event("response.output_item.done", output_index=index, item=item)
         input_tokens = len(_last_text(body.get("input")).split())
         usage = {"input_tokens": input_tokens,
                  "input_tokens_details": {"cache_write_tokens": 0, "cached_tokens": 0},
                  "output_tokens": len(text), "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": input_tokens + len(text)}
         await self.send_event("response.completed", response={
-            **response, "status": "completed", "completed_at": int(time.time()), "output": [item],
+            **response, "status": "completed", "completed_at": int(time.time()), "output": [*output, item],
             "usage": usage})
         self.fake.completed += 1
+
+    async def stream_summary(self, script: Script) -> dict[str, Any]:
+        """A reasoning item with one summary part, streamed as OpenAI streams it before the
+        answer (response.reasoning_summary_*); returns the finished item."""
+        item_id = "rs_" + secrets.token_hex(24)
+        item: dict[str, Any] = {"id": item_id, "type": "reasoning", "summary": []}
+        await self.send_event("response.output_item.added", output_index=0, item=item)
+        at = {"item_id": item_id, "output_index": 0, "summary_index": 0}
+        await self.send_event("response.reasoning_summary_part.added", **at,
+                              part={"type": "summary_text", "text": ""})
+        for delta in script.summary:
+            await self.send_event("response.reasoning_summary_text.delta", **at, delta=delta)
+        text = "".join(script.summary)
+        await self.send_event("response.reasoning_summary_text.done", **at, text=text)
+        part = {"type": "summary_text", "text": text}
+        await self.send_event("response.reasoning_summary_part.done", **at, part=part)
+        item = {**item, "summary": [part]}
+        await self.send_event("response.output_item.done", output_index=0, item=item)
+        return item
 
     async def fail_responses_midway(self, script: Script, response: dict[str, Any]) -> None:
         message = "The server had an error while processing your request. Sorry about that!"
@@ -313,7 +382,8 @@ def _response_object(model: str, body: dict[str, Any]) -> dict[str, Any]:
         "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
         "max_tool_calls": None, "model": model, "output": [], "parallel_tool_calls": True,
         "previous_response_id": None, "prompt_cache_key": None,
-        "reasoning": {"effort": None, "summary": None}, "safety_identifier": None,
+        "reasoning": {"effort": None, "summary": None, **(body.get("reasoning") or {})},
+        "safety_identifier": None,
         "service_tier": "default", "store": True, "temperature": body.get("temperature", 1.0),
         "text": {"format": {"type": "text"}, "verbosity": "medium"}, "tool_choice": "auto",
         "tools": [], "top_logprobs": 0, "top_p": body.get("top_p", 1.0), "truncation": "disabled",

@@ -15,6 +15,8 @@ exception itself; the client gets a code and a sentence, never a traceback, a pa
 
 from __future__ import annotations
 
+import ast
+import re
 from typing import NamedTuple
 
 import httpx2
@@ -86,6 +88,22 @@ _INCOMPLETE = Failure(
     "The connection to the model provider broke off before the answer was complete.",
 )
 _INTERNAL = Failure("internal_error", "Something went wrong on this server. Please try again.")
+_CONTENT_FILTER = Failure(
+    "upstream_content_filter",
+    "The model provider's content filter refused this question (400). Please rephrase it.",
+)
+
+PROVIDER_SAID_CHARS = 200
+# What must not reach a page even inside the provider's own words: API keys (OpenAI's `sk-...`,
+# masked or not), bearer tokens, organization ids, and long hex or base64 runs (other keys,
+# signatures).
+_SECRETS = re.compile(
+    r"\bsk-[\w*.-]{3,}|\bBearer\s+\S+|\borg-[A-Za-z0-9]{6,}|\b[0-9a-fA-F]{24,}\b"
+    r"|[A-Za-z0-9+/_-]{32,}={0,2}")
+# The part of _SECRETS that may hide in an exception's text in the server log.
+_KEYS = re.compile(r"\bsk-[\w*.-]{3,}|\bBearer\s+\S+")
+# The endpoint LiteLLM puts before its messages ("/chat/completions: ...").
+_PATH_PREFIX = re.compile(r"^/[\w/.-]*:\s*")
 
 
 def describe(exc: BaseException) -> Failure:
@@ -95,10 +113,14 @@ def describe(exc: BaseException) -> Failure:
             return _QUOTA
         if exc.status_code >= 500:
             return _SERVER_ERROR
-        return _BY_STATUS.get(
+        if exc.status_code == 400 and exc.code == "content_filter":  # Azure OpenAI's refusal
+            return _CONTENT_FILTER
+        ours = _BY_STATUS.get(
             exc.status_code,
             Failure("upstream_error", f"The model provider refused the request ({exc.status_code})."),
         )
+        said = provider_said(exc.body)
+        return ours._replace(message=f'{ours.message} The provider said: "{said}"') if said else ours
     if isinstance(exc, UpstreamTimeout):
         if exc.phase == "first token":
             return Failure("upstream_timeout", f"The model did not start answering within {exc.seconds:g} seconds.")
@@ -121,3 +143,32 @@ def describe(exc: BaseException) -> Failure:
             "upstream_error", "The model provider reported an error while writing the answer."
         )
     return _INTERNAL
+
+
+def without_keys(text: str) -> str:
+    """`text` with anything that looks like an API key or a bearer token replaced, for the log:
+    an upstream may echo the key it refused."""
+    return _KEYS.sub("[redacted]", text)
+
+
+def provider_said(body: object) -> str | None:
+    """The upstream's own error message, for the operator reading the page: unwrapped (LiteLLM
+    sends the repr of a dict, `{'error': '/chat/completions: Invalid model name ...'}`), without
+    anything that looks secret, on one line, at most PROVIDER_SAID_CHARS long."""
+    message = body.get("message") if isinstance(body, dict) else None
+    if isinstance(message, str) and message.startswith("{"):
+        try:
+            inner = ast.literal_eval(message)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            inner = None
+        if isinstance(inner, dict) and isinstance(inner.get("error"), str):
+            message = inner["error"]
+    elif isinstance(message, dict) and isinstance(message.get("error"), str):
+        message = message["error"]  # LiteLLM before it became a string (BerriAI/litellm#8821)
+    if not isinstance(message, str):
+        return None
+    message = _PATH_PREFIX.sub("", " ".join(message.split()))
+    message = _SECRETS.sub("[redacted]", message).replace('"', "'")
+    if len(message) > PROVIDER_SAID_CHARS:
+        message = message[:PROVIDER_SAID_CHARS - 3].rstrip() + "..."
+    return message or None

@@ -61,7 +61,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 
 
 class StreamSummary:
-    """The one line a stream leaves behind: id, outcome, tokens, time to first token, duration."""
+    """The one line a stream leaves behind: id, outcome, tokens, time to first token, duration,
+    and when the upstream said so, why it finished and the tokens it counted."""
 
     def __init__(self, log_content: bool):
         self.log_content = log_content
@@ -72,10 +73,18 @@ class StreamSummary:
         fields: dict[str, object] = {"stream": stream.id, "outcome": stream.outcome,
                                      "tokens": len(stream.answer), "ttft_ms": ttft,
                                      "duration_ms": duration, "client": stream.client}
+        ending = ""
+        if stream.finish is not None and stream.outcome == "done":
+            fields["finish_reason"] = stream.finish.reason
+            ending = f" finish={stream.finish.reason}"
+            if stream.finish.usage is not None:
+                fields["input_tokens"], fields["output_tokens"] = stream.finish.usage
+                ending += " input_tokens=%d output_tokens=%d" % stream.finish.usage
         if self.log_content:
             fields["question"] = stream.question
             fields["answer"] = "".join(stream.answer)
-        stream_log.info("stream %s %s tokens=%d ttft=%sms duration=%dms client=%s%s", stream.id,
-                        stream.outcome, len(stream.answer), ttft, duration, stream.client,
+        stream_log.info("stream %s %s tokens=%d ttft=%s duration=%dms client=%s%s%s", stream.id,
+                        stream.outcome, len(stream.answer), "-" if ttft is None else f"{ttft}ms",
+                        duration, stream.client, ending,
                         f" question={stream.question!r} answer={''.join(stream.answer)!r}"
                         if self.log_content else "", extra=fields)

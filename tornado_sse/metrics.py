@@ -1,4 +1,10 @@
-"""Prometheus metrics: what the streams did, counted once per stream and never per token."""
+"""Prometheus metrics: what the streams did, counted once per stream and never per token.
+
+Token usage and time to first chunk carry the OpenTelemetry GenAI semantic conventions' meaning
+and names, in Prometheus' spelling (dots as underscores, the unit as a suffix):
+`gen_ai.client.token.usage` (a histogram, `gen_ai.token.type` input|output, its recommended
+buckets) and `gen_ai.client.operation.time_to_first_chunk`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,9 @@ from .streams import Stream, StreamRegistry
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 _TOKENS = (1, 10, 50, 100, 250, 500, 1000, 2000, 4000, 8000)
+# gen_ai.client.token.usage's ExplicitBucketBoundaries, from the semantic conventions
+_GEN_AI_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                  16777216, 67108864)
 
 
 class Metrics:
@@ -33,6 +42,15 @@ class Metrics:
                                   "end of the stream.", buckets=_SECONDS, registry=r)
         self.tokens = Histogram("tornado_sse_stream_tokens", "Text deltas relayed per stream.",
                                 buckets=_TOKENS, registry=r)
+        self.tokens_total = Counter("tornado_sse_tokens", "Tokens the upstream reported using, by "
+                                    "type (input, output).", ["type"], registry=r)
+        self.token_usage = Histogram("gen_ai_client_token_usage", "Tokens per request the upstream "
+                                     "reported (OpenTelemetry gen_ai.client.token.usage).",
+                                     ["gen_ai_token_type"], buckets=_GEN_AI_TOKENS, registry=r)
+        self.first_chunk = Histogram("gen_ai_client_operation_time_to_first_chunk_seconds",
+                                     "From the request to the first chunk of text, thinking "
+                                     "included (OpenTelemetry gen_ai.client.operation."
+                                     "time_to_first_chunk).", buckets=_SECONDS, registry=r)
         streams.on_start.append(lambda _: self.started.inc())
         streams.on_finish.append(self.stream_finished)
 
@@ -40,6 +58,13 @@ class Metrics:
         self.finished.labels(stream.outcome).inc()
         if stream.first_token_at is not None:
             self.ttft.observe(stream.first_token_at - stream.started_at)
+        if stream.first_chunk_at is not None:
+            self.first_chunk.observe(stream.first_chunk_at - stream.started_at)
+        usage = stream.finish.usage if stream.finish is not None else None
+        if usage is not None:
+            for kind, count in (("input", usage.input_tokens), ("output", usage.output_tokens)):
+                self.tokens_total.labels(kind).inc(count)
+                self.token_usage.labels(kind).observe(count)
         self.duration.observe(stream.finished_at - stream.started_at)
         self.tokens.observe(len(stream.answer))
         if stream.error is not None and stream.outcome.startswith("upstream"):

@@ -8,10 +8,11 @@ its JSON data, so the `event:` lines are not needed:
     response.output_text.delta                answer text      -> Delta("update", ...)
     response.reasoning_summary_text.delta     reasoning        -> Delta("reasoning", ...)
     response.reasoning_text.delta             reasoning        -> Delta("reasoning", ...)
-    response.completed                        the end (there is no `data: [DONE]`)
-    response.incomplete, max_output_tokens    the end: the answer is as long as --max-tokens allows,
-                                              as a chat stream that stops with finish_reason "length"
-    response.incomplete, any other reason     ErrorInStream (content_filter: the answer was cut)
+    response.completed                        Finish("stop", usage) (there is no `data: [DONE]`)
+    response.incomplete, max_output_tokens    Finish("length"): the answer is as long as --max-tokens
+                                              allows, as a chat stream with finish_reason "length"
+    response.incomplete, content_filter       Finish("content_filter"), as chat's finish_reason
+    response.incomplete, any other reason     ErrorInStream
     response.failed, error                    ErrorInStream
     a body that ends before the end           IncompleteStream
     anything else (created, in_progress,      ignored
@@ -21,10 +22,11 @@ its JSON data, so the `event:` lines are not needed:
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import jiter
 
-from .backend import Delta, EventStreamDecoder, Message, OpenAIBackend, drain
+from .backend import Delta, EventStreamDecoder, Finish, Message, OpenAIBackend, Usage, drain
 from .errors import ErrorInStream, IncompleteStream, MalformedChunk
 from .watchdog import Watchdog
 
@@ -35,23 +37,30 @@ _TEXT_EVENTS = {
     "response.reasoning_text.delta": "reasoning",
 }
 _FAILED = ("response.failed", "error")
-
-COMPLETED = Delta("completed", "")  # parse_response_event's answer to the stream's last event
+# response.incomplete's reasons that end an answer as chat's finish_reason would
+_INCOMPLETE_FINISH = {"max_output_tokens": "length", "content_filter": "content_filter"}
 
 
 class ResponsesBackend(OpenAIBackend):
     """OpenAI's Responses API, or a server that speaks it; the same client as OpenAIBackend."""
 
-    async def stream(self, messages: list[Message]) -> AsyncGenerator[Delta, None]:
+    async def stream(self, messages: list[Message]) -> AsyncGenerator[Delta | Finish, None]:
         s = self._settings
+        extra: dict[str, Any] = {}
+        if s.temperature is not None:
+            extra["temperature"] = s.temperature
+        if s.reasoning_effort is not None:
+            # The summary is what OpenAI streams of a reasoning model's thinking, as
+            # response.reasoning_summary_text.delta events; "auto": the most detailed it has.
+            extra["reasoning"] = {"effort": s.reasoning_effort, "summary": "auto"}
         async with (
             Watchdog(s.first_token_timeout, s.idle_timeout) as watchdog,
             self._client.responses.with_streaming_response.create(
                 model=s.model,
                 input=messages,  # type: ignore[arg-type]
-                temperature=s.temperature,
                 max_output_tokens=s.max_tokens,
                 stream=True,
+                **extra,
             ) as response,
         ):
             chunks = response.http_response.aiter_bytes()
@@ -61,7 +70,8 @@ class ResponsesBackend(OpenAIBackend):
                     delta = parse_response_event(data)
                     if delta is None:
                         continue
-                    if delta is COMPLETED:
+                    if isinstance(delta, Finish):
+                        yield delta
                         await drain(chunks)
                         return
                     watchdog.touch()
@@ -69,8 +79,8 @@ class ResponsesBackend(OpenAIBackend):
             raise IncompleteStream("the upstream ended the stream without response.completed")
 
 
-def parse_response_event(data: bytes) -> Delta | None:
-    """One Responses stream event -> a Delta with text, COMPLETED at the end, or None (ignored).
+def parse_response_event(data: bytes) -> Delta | Finish | None:
+    """One Responses stream event -> a Delta with text, a Finish at the end, or None (ignored).
 
     Raises ErrorInStream for a failure the upstream reports, MalformedChunk for data that is not
     a Responses event, and IncompleteStream for a `data: [DONE]` before `response.completed`
@@ -92,7 +102,7 @@ def parse_response_event(data: bytes) -> Delta | None:
             raise MalformedChunk(f"delta text is not a string: {data[:200]!r}")
         return Delta(name, text) if text else None
     if kind == "response.completed":
-        return COMPLETED
+        return Finish("stop", _usage(event.get("response")))
     # A top-level `error` object: some servers send their errors that way, and so does the SDK's
     # own check, which raises on it.
     if kind in _FAILED or event.get("error"):
@@ -101,9 +111,20 @@ def parse_response_event(data: bytes) -> Delta | None:
         response = event.get("response")
         details = response.get("incomplete_details") if isinstance(response, dict) else None
         reason = details.get("reason") if isinstance(details, dict) else None
-        if reason == "max_output_tokens":
-            return COMPLETED
+        if reason in _INCOMPLETE_FINISH:
+            return Finish(_INCOMPLETE_FINISH[reason], _usage(response))
         raise ErrorInStream(f"response.incomplete ({reason}): {data[:500]!r}")
     if not isinstance(kind, str):
         raise MalformedChunk(f"event has no type: {data[:200]!r}")
+    return None
+
+
+def _usage(response: object) -> Usage | None:
+    """The `usage` of a finished response: {input_tokens, output_tokens, ...}, when it has one."""
+    usage = response.get("usage") if isinstance(response, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    input_tokens, output_tokens = usage.get("input_tokens"), usage.get("output_tokens")
+    if isinstance(input_tokens, int) and isinstance(output_tokens, int):
+        return Usage(input_tokens, output_tokens)
     return None

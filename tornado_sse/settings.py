@@ -13,6 +13,7 @@ BACKENDS: tuple[BackendName, ...] = ("auto", "openai", "demo")
 ApiName = Literal["chat", "responses"]
 APIS: tuple[ApiName, ...] = ("chat", "responses")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+REASONING_EFFORTS = ("minimal", "low", "medium", "high")
 
 
 class SettingsError(ValueError):
@@ -24,8 +25,12 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8888
     model: str = "gpt-4o-mini"
-    temperature: float = 0.8
-    max_tokens: int = 1024
+    # None: not sent, the model's own default (OpenAI's reasoning models accept no other).
+    temperature: float | None = None
+    max_tokens: int = 1024  # sent as max_tokens, or max_completion_tokens to a model that asks
+    reasoning_effort: str | None = None  # None: not sent
+    system_prompt: str | None = None  # the operator's system message, first in every request
+    system_prompt_file: str | None = None  # read into system_prompt by the CLI
     backend: BackendName = "auto"
     api: ApiName = "chat"
     max_question_chars: int = 4000
@@ -67,7 +72,12 @@ class Settings:
         _check(self.backend in BACKENDS, "backend", self.backend, "one of " + "|".join(BACKENDS))
         _check(self.api in APIS, "api", self.api, "one of " + "|".join(APIS))
         _check(0 <= self.port <= 65535, "port", self.port, "0 to 65535")
-        _check(0.0 <= self.temperature <= 2.0, "temperature", self.temperature, "0 to 2")
+        _check(self.temperature is None or 0.0 <= self.temperature <= 2.0, "temperature",
+               self.temperature, "0 to 2")
+        _check(self.reasoning_effort is None or self.reasoning_effort in REASONING_EFFORTS,
+               "reasoning_effort", self.reasoning_effort, "|".join(REASONING_EFFORTS))
+        _check(self.system_prompt is None or self.system_prompt_file is None, "system_prompt_file",
+               self.system_prompt_file, "--system-prompt or --system-prompt-file, not both")
         _check(self.max_tokens >= 1, "max_tokens", self.max_tokens, "a whole number >= 1")
         _check(self.max_question_chars >= 1, "max_question_chars", self.max_question_chars, ">= 1")
         _check(self.log_level in LOG_LEVELS, "log_level", self.log_level, "|".join(LOG_LEVELS))

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from . import sse
-from .backend import Backend, Message
+from .backend import Backend, Finish, Message
 from .conversations import Conversation, ConversationStore, Turn
-from .errors import Failure, describe
+from .errors import Failure, describe, without_keys
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class Stream:
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
         self.first_token_at: float | None = None
+        self.first_chunk_at: float | None = None  # the first text of any kind, thinking included
+        self.finish: Finish | None = None  # how the upstream said it ended, with its usage
         self.finished_at = self.started_at
         self.task: asyncio.Task[None] | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
@@ -68,14 +70,21 @@ class Stream:
         failure: Failure | None = None
         try:
             try:
-                async for event, text in upstream:
+                async for delta in upstream:
+                    if isinstance(delta, Finish):  # the last item: sent after the loop
+                        self.finish = delta
+                        continue
+                    event, text = delta
                     if event == "update":
                         if not self.answer:
                             self.first_token_at = asyncio.get_running_loop().time()
+                            self.first_chunk_at = self.first_chunk_at or self.first_token_at
                         self.answer.append(text)
                         for part in sse.update_parts(text):
                             await self.emit("update", part)
                     else:
+                        if self.first_chunk_at is None:
+                            self.first_chunk_at = asyncio.get_running_loop().time()
                         await self.emit(event, text)
             except asyncio.CancelledError:
                 if self.stop_failure is None:
@@ -85,7 +94,8 @@ class Stream:
                 failure = describe(exc)
                 self.error = exc
                 log.warning("stream %s failed (%s): %s: %s", self.id, failure.code,
-                            type(exc).__name__, exc, exc_info=failure.code == "internal_error")
+                            type(exc).__name__, without_keys(str(exc)),
+                            exc_info=failure.code == "internal_error")
         finally:
             await upstream.aclose()  # closes the upstream response, whatever happened
         if failure is not None:
@@ -93,6 +103,7 @@ class Stream:
             await self.emit("error", json.dumps({"code": failure.code, "message": failure.message}))
         else:
             self.outcome = "done"
+            await self.emit("finish", finish_data(self.finish or Finish("stop")))
         await self.emit("update", sse.END_MARKER)
         self.done = True
         if self.listener is not None:
@@ -150,6 +161,15 @@ class Stream:
         """End with an error frame and the end frame: the server is stopping."""
         self.stop_failure = SHUTTING_DOWN
         self.abort()
+
+
+def finish_data(finish: Finish) -> str:
+    """The `finish` event's data: {"reason": ...}, and "usage" when the upstream counted it."""
+    data: dict[str, object] = {"reason": finish.reason}
+    if finish.usage is not None:
+        data["usage"] = {"input_tokens": finish.usage.input_tokens,
+                         "output_tokens": finish.usage.output_tokens}
+    return json.dumps(data)
 
 
 class StreamRegistry:
