@@ -26,7 +26,8 @@ FLAGS = ["--api", "--upstream-transport", "--log-format", "--log-content", "--pu
          "--idle-timeout", "--max-retries", "--keepalive", "--send-timeout", "--max-streams",
          "--rate-limit", "--rate-burst", "--trust-proxy-headers", "--allowed-origins", "--access-token",
          "--certfile", "--keyfile", "--drain-timeout", "--resume-grace", "--resume-buffer",
-         "--max-turns", "--max-conversation-chars", "--conversation-ttl", "--max-conversations"]
+         "--max-turns", "--max-conversation-chars", "--conversation-ttl", "--max-conversations",
+         "--session-secret", "--session-max-age", "--pad-frames"]
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
 
 
