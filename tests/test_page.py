@@ -200,3 +200,5 @@ async def test_a_protected_server_shows_only_the_sign_in_form(base_url, request,
         await ask(page, "q")
         await answered(page)
         assert await page.evaluate(SOURCE) == "hello"
+        await page.click("#sign-out button")  # the session ends here, not just in this tab
+        await page.wait_for_selector("#sign-in")
