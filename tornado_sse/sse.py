@@ -17,7 +17,8 @@ PING = b": ping\n\n"  # a comment line: keeps proxies and browsers from timing o
 PAD_BUCKET = 128
 PAD_STEP = 32
 PAD_STEPS = 4
-_PAD_FILLER = b"." * (PAD_BUCKET + PAD_STEP * PAD_STEPS)
+# Every comment line pad() can need, built once: the per-token path is one lookup and one join.
+_PAD_LINES = tuple(b": " + b"." * n + b"\n" for n in range(PAD_BUCKET + PAD_STEP * PAD_STEPS))
 
 # The spec ends a line at CRLF, CR or LF, and nowhere else (str.splitlines() would also split on
 # U+2028, U+0085 and friends, and drop a trailing newline).
@@ -39,9 +40,8 @@ def pad(frame: bytes, noise: int) -> bytes:
     """`frame` behind a `: ....` comment line (which EventSource ignores) that brings its length
     to the next multiple of PAD_BUCKET, plus `noise` (0 <= noise < PAD_STEPS) times PAD_STEP.
     The caller draws `noise` at random, so this stays a pure function."""
-    size = len(frame) + 3  # ": " and "\n" of the comment line
-    filler = -size % PAD_BUCKET + noise * PAD_STEP
-    return b": " + _PAD_FILLER[:filler] + b"\n" + frame
+    filler = -(len(frame) + 3) % PAD_BUCKET + noise * PAD_STEP  # 3: the line's ": " and "\n"
+    return _PAD_LINES[filler] + frame
 
 
 def update_parts(text: str) -> tuple[str, ...]:
