@@ -95,7 +95,9 @@ class BaseHandler(tornado.web.RequestHandler):
     def session(self) -> str | None:
         """The session id of a valid sign-in cookie: signed by us, younger than --session-max-age,
         not signed out."""
-        value = self.get_signed_cookie(SESSION_COOKIE, max_age_days=self.config.session_max_age / 86400)
+        # min_version=2: Tornado's version-1 decoder logs a rejected cookie's value.
+        value = self.get_signed_cookie(SESSION_COOKIE, max_age_days=self.config.session_max_age / 86400,
+                                       min_version=2)
         session = value.decode("utf-8", "replace") if value else None
         return session if session and not self.gate.revoked(session) else None
 

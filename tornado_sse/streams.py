@@ -60,6 +60,7 @@ class Stream:
         self.error: BaseException | None = None
         self.stop_failure: Failure | None = None
         self.stopped = False  # the reader pressed Stop
+        self.phase = "start"  # "relay" while the upstream is read, "end" for the last frames
         self.client = ""
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
@@ -77,6 +78,9 @@ class Stream:
         failure: Failure | None = None
         try:
             try:
+                self.phase = "relay"
+                if self.stopped:  # Stop came while the meta frame went out
+                    raise asyncio.CancelledError
                 async for event, text in upstream:
                     if event == "update":
                         if not self.answer:
@@ -96,6 +100,7 @@ class Stream:
                 log.warning("stream %s failed (%s): %s: %s", self.log_id, failure.code,
                             type(exc).__name__, exc, exc_info=failure.code == "internal_error")
         finally:
+            self.phase = "end"  # Stop cancels no more: the last frames must go out
             await upstream.aclose()  # closes the upstream response, whatever happened
         if failure is not None:
             self.outcome = failure.code
@@ -163,8 +168,10 @@ class Stream:
     def stop(self) -> None:
         """The reader pressed Stop: abort the generation, then end with `finish` "stopped" and the
         end frame, so the response finishes instead of idling with pings."""
-        if not self.done:
-            self.stopped = True
+        if self.phase == "end" or self.stopped:
+            return
+        self.stopped = True
+        if self.phase == "relay":  # before it, run() sees `stopped` and never opens the upstream
             self.abort()
 
     def shut_down(self) -> None:
