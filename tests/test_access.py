@@ -96,6 +96,12 @@ def test_a_guessable_access_token_is_refused_with_a_way_to_make_one(token: str, 
     assert token not in str(refused.value)
 
 
+def test_a_guessable_session_secret_is_refused_too(io_loop) -> None:
+    with pytest.raises(SettingsError, match="invalid --session-secret: '\\(hidden\\)'"):
+        Settings(session_secret="hunter2hunter2")
+    assert Settings(session_secret=SECRET).session_secret == SECRET and SECRET not in repr(Settings(session_secret=SECRET))
+
+
 def test_the_cli_refuses_a_weak_token_from_the_environment_at_start_up(io_loop) -> None:
     run = subprocess.run([sys.executable, "-m", "tornado_sse"], capture_output=True, text=True, timeout=20,
                          env={**CLEAN_ENV, "TORNADO_SSE_ACCESS_TOKEN": "correct-horse"})
