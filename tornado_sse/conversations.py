@@ -25,7 +25,7 @@ class Turn:
 @dataclass
 class Conversation:
     id: str
-    owner: str = ""  # the browser that started it (ask.owner_cookie): to others it is unknown
+    owner: str = ""  # the browser that started it (BaseHandler.owner): to others it is unknown
     turns: list[Turn] = field(default_factory=list)
     used: float = 0.0
 

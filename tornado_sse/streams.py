@@ -46,7 +46,7 @@ class Stream:
         self.id = secrets.token_urlsafe(12)
         # The id is a capability (it resumes and stops the stream): logs get a short hash of it.
         self.log_id = log_id(self.id)
-        self.owner = owner  # the browser that asked (ask.owner_cookie); only it may resume or stop
+        self.owner = owner  # the browser that asked (BaseHandler.owner); only it may resume or stop
         self.registry = registry
         self.conversation = conversation
         self.question = question
