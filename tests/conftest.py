@@ -17,6 +17,8 @@ from tornado_sse.demo import FakeUpstream
 from tornado_sse.settings import Settings
 
 API_KEY = "sk-test-SECRET-4f9c2a7e1b"
+# One browser's owner cookie (guard.OWNER_COOKIE), for tests whose requests must be one client's.
+OWNER = {"Cookie": "tornado_sse_owner=test-owner-0123456789abcdef"}
 
 
 @pytest.fixture
@@ -54,6 +56,7 @@ def settings(upstream: tuple[FakeUpstream, int]) -> Settings:
         first_token_timeout=2.0,
         idle_timeout=2.0,
         rate_limit=0,
+        pad_frames=False,  # byte-exact expectations; test_padding.py turns it on
     )
 
 

@@ -84,17 +84,20 @@ class Answer:
         return [data for event, data in self.events if event == "error"]
 
 
-async def ask(base_url: str, query: str, timeout: float = 10.0) -> Answer:
+async def ask(base_url: str, query: str, timeout: float = 10.0,
+              headers: dict[str, str] | None = None) -> Answer:
     response: HTTPResponse = await AsyncHTTPClient().fetch(
-        base_url + "/ask?" + query, raise_error=False, request_timeout=timeout
+        base_url + "/ask?" + query, raise_error=False, request_timeout=timeout, headers=headers
     )
     return Answer(response.code, dict(response.headers.get_all()), response.body or b"")
 
 
-async def open_raw(port: int, target: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_raw(port: int, target: str, headers: dict[str, str] | None = None
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A bare HTTP/1.1 request on its own socket, for tests that hang up mid-stream."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    lines = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{lines}\r\n".encode())
     await writer.drain()
     return reader, writer
 

@@ -27,7 +27,8 @@ FLAGS = ["--api", "--upstream-transport", "--log-format", "--log-content", "--pu
          "--rate-limit", "--rate-burst", "--trust-proxy-headers", "--allowed-origins", "--access-token",
          "--certfile", "--keyfile", "--drain-timeout", "--resume-grace", "--resume-buffer",
          "--max-turns", "--max-conversation-chars", "--conversation-ttl", "--max-conversations",
-         "--reasoning-effort", "--system-prompt", "--system-prompt-file"]
+         "--reasoning-effort", "--system-prompt", "--system-prompt-file",
+         "--session-secret", "--session-max-age", "--pad-frames"]
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
 
 

@@ -11,6 +11,7 @@ import pytest
 from tornado_sse.conversations import CUT_OFF_NOTE, ConversationStore, Turn
 from tornado_sse.demo import FakeUpstream, Script
 
+from .conftest import OWNER
 from .sseclient import ask, open_raw, read_until
 
 
@@ -79,10 +80,10 @@ pytestmark_http = pytest.mark.gen_test
 @pytestmark_http
 async def test_a_follow_up_sends_the_earlier_turns_to_the_model(base_url, fake: FakeUpstream):
     fake.script = Script(deltas=["Paris", " is the capital."])
-    first = await ask(base_url, "question=Capital%20of%20France%3F")
+    first = await ask(base_url, "question=Capital%20of%20France%3F", headers=OWNER)
     conversation = first.meta["conversation"]
     fake.script = Script(deltas=["About 2 million."])
-    second = await ask(base_url, f"question=Its%20population%3F&conversation={conversation}")
+    second = await ask(base_url, f"question=Its%20population%3F&conversation={conversation}", headers=OWNER)
     assert second.meta["conversation"] == conversation and second.meta["restarted"] is False
     assert fake.requests[1]["messages"] == [
         {"role": "user", "content": "Capital of France?"},
@@ -111,20 +112,20 @@ async def test_each_question_without_a_conversation_starts_afresh(base_url, fake
 @pytestmark_http
 async def test_an_aborted_answer_is_kept_as_far_as_it_got_and_marked_cut_off(port, base_url, fake):
     fake.script = Script(deltas=["first part", " never sent"], token_delay=5)
-    reader, writer = await open_raw(port, "/ask?question=q1")
+    reader, writer = await open_raw(port, "/ask?question=q1", OWNER)
     raw = await read_until(reader, b"data: first part")
     conversation = json.loads(raw.split(b"event: meta\ndata: ", 1)[1].split(b"\n", 1)[0])["conversation"]
     writer.close()
     await asyncio.sleep(0.1)
     fake.script = Script(deltas=["ok"])
-    await ask(base_url, f"question=q2&conversation={conversation}")
+    await ask(base_url, f"question=q2&conversation={conversation}", headers=OWNER)
     assert fake.requests[1]["messages"][1] == {"role": "assistant", "content": "first part" + CUT_OFF_NOTE}
 
 
 @pytestmark_http
 async def test_a_failed_answer_before_any_text_is_not_kept(base_url, fake):
     fake.script = Script(fail="status", status=500)
-    first = await ask(base_url, "question=q1")
+    first = await ask(base_url, "question=q1", headers=OWNER)
     fake.script = Script(deltas=["ok"])
-    await ask(base_url, f"question=q2&conversation={first.meta['conversation']}")
+    await ask(base_url, f"question=q2&conversation={first.meta['conversation']}", headers=OWNER)
     assert fake.requests[1]["messages"] == [{"role": "user", "content": "q2"}]

@@ -22,6 +22,7 @@ import pytest
 from tornado_sse.cli import SHUTDOWN_GRACE
 from tornado_sse.settings import Settings
 
+from .conftest import OWNER
 from .test_cli import running
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -172,7 +173,7 @@ class Reader:
 
     def __init__(self, port: int, query: dict[str, str], instance: str | None = None):
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-        headers = {"Cookie": f"tornado_sse_instance={instance}"} if instance else {}
+        headers = with_instance(instance)
         self.conn.request("GET", "/ask?" + urlencode(query), headers=headers)
         self.response = self.conn.getresponse()
         assert self.response.status == 200
@@ -204,11 +205,16 @@ class Reader:
         self.conn.close()
 
 
+def with_instance(instance: str | None) -> dict[str, str]:
+    """One client's cookies: its owner id (its conversations and streams are its own), and the
+    instance nginx pinned it to, if any."""
+    return {"Cookie": OWNER["Cookie"] + (f"; tornado_sse_instance={instance}" if instance else "")}
+
+
 def stop(port: int, stream: str, instance: str | None = None) -> int:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
     try:
-        headers = {"Cookie": f"tornado_sse_instance={instance}"} if instance else {}
-        conn.request("POST", "/stop?" + urlencode({"stream": stream}), headers=headers)
+        conn.request("POST", "/stop?" + urlencode({"stream": stream}), headers=with_instance(instance))
         response = conn.getresponse()
         response.read()
         return response.status

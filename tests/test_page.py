@@ -185,7 +185,7 @@ async def test_the_view_follows_the_answer_unless_the_reader_scrolls_up(base_url
         await answered(page, 15)
 
 
-@pytest.mark.parametrize("page_settings", [{"access_token": "open-sesame"}], indirect=True)
+@pytest.mark.parametrize("page_settings", [{"access_token": "open-sesame-4Hq9Zt-Wk2pLx7"}], indirect=True)
 async def test_a_protected_server_shows_only_the_sign_in_form(base_url, request, fake: FakeUpstream, page_settings):
     async with open_page(base_url, request) as (page, _):
         assert await page.is_visible("#sign-in") and await page.locator("#form-question").count() == 0
@@ -193,10 +193,12 @@ async def test_a_protected_server_shows_only_the_sign_in_form(base_url, request,
         await page.fill("#token", "wrong")
         await page.click("#sign-in button[type=submit]")
         await page.wait_for_selector("text=Wrong access token.")
-        await page.fill("#token", "open-sesame")
+        await page.fill("#token", "open-sesame-4Hq9Zt-Wk2pLx7")
         await page.click("#sign-in button[type=submit]")
         await page.wait_for_selector("#form-question")
         fake.script = Script(deltas=["hello"])
         await ask(page, "q")
         await answered(page)
         assert await page.evaluate(SOURCE) == "hello"
+        await page.click("#sign-out button")  # the session ends here, not just in this tab
+        await page.wait_for_selector("#sign-in")

@@ -15,7 +15,7 @@ import pytest
 from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.settings import Settings
 
-from .conftest import with_settings
+from .conftest import OWNER, with_settings
 from .sseclient import ask, open_raw, parse_events, read_until, serving
 
 END = ("update", "<END_STREAMING_SSE>")
@@ -204,7 +204,7 @@ async def test_client_addresses_come_from_proxy_headers_only_when_trusted(base_u
 
 # -- access ----------------------------------------------------------------------------------------
 
-TOKEN = "let-me-in-please"
+TOKEN = "Lc3k9-TzqW0vXb7N_y2hRf8d"  # 24 url-safe characters: 157 bits by settings.entropy_bits
 
 
 @tuned(access_token=TOKEN)
@@ -214,7 +214,7 @@ async def test_the_access_token_guards_ask_with_a_401(base_url, fake, http_clien
     assert refused.code == 401 and refused.headers["WWW-Authenticate"].startswith("Bearer")
     assert json.loads(refused.body)["error"]["code"] == "unauthorized"
     wrong = await http_client.fetch(base_url + "/ask?question=q", raise_error=False,
-                                    headers={"Authorization": "Bearer let-me-in-pleasE"})
+                                    headers={"Authorization": f"Bearer {TOKEN[:-1]}X"})
     assert wrong.code == 401
     right = await http_client.fetch(base_url + "/ask?question=q", headers={"Authorization": f"Bearer {TOKEN}"})
     assert b"data: ok" in right.body
@@ -314,7 +314,7 @@ async def test_tls_in_the_server_itself(settings, certificate, fake, io_loop):
 async def test_a_reconnect_with_last_event_id_resumes_without_a_second_upstream_request(port, fake, base_url):
     expected = "".join(f"tok{i} " for i in range(30))
     fake.script = Script(tokens=30, token_delay=0.02)
-    reader, writer = await open_raw(port, "/ask?question=q")
+    reader, writer = await open_raw(port, "/ask?question=q", OWNER)
     first = await read_until(reader, b"event: update", 5)
     writer.close()
     events = _events_with_ids(first)
@@ -322,7 +322,7 @@ async def test_a_reconnect_with_last_event_id_resumes_without_a_second_upstream_
     seen = "".join(d for i, e, d in events if e == "update")
     await asyncio.sleep(0.2)  # the generation goes on meanwhile
     from tornado.httpclient import AsyncHTTPClient
-    rest = await AsyncHTTPClient().fetch(base_url + "/ask?question=q", headers={"Last-Event-ID": last_id})
+    rest = await AsyncHTTPClient().fetch(base_url + "/ask?question=q", headers={"Last-Event-ID": last_id, **OWNER})
     rest_events = parse_events(rest.body)
     assert rest_events[-1] == END
     assert seen + "".join(d for e, d in rest_events[:-1] if e == "update") == expected
@@ -332,12 +332,12 @@ async def test_a_reconnect_with_last_event_id_resumes_without_a_second_upstream_
 @tuned(resume_grace=3.0)
 async def test_resume_by_query_parameter_after_the_answer_finished(port, fake, base_url):
     fake.script = Script(deltas=["one ", "two ", "three"], token_delay=0.05)
-    reader, writer = await open_raw(port, "/ask?question=q")
+    reader, writer = await open_raw(port, "/ask?question=q", OWNER)
     first = await read_until(reader, b"data: one")
     writer.close()
     last_id = [i for i, e, d in _events_with_ids(first) if i][-1]
     await wait_until(lambda: fake.completed == 1)
-    rest = await ask(base_url, "resume=" + last_id)
+    rest = await ask(base_url, "resume=" + last_id, headers=OWNER)
     assert rest.text == "two three" and rest.events[-1] == END
 
 
@@ -352,14 +352,16 @@ async def test_a_reconnect_to_a_stream_that_is_gone_says_it_was_cut_off(base_url
 @tuned(resume_grace=3.0)
 async def test_stop_aborts_at_once_even_with_a_resume_grace(port, fake, base_url, http_client):
     fake.script = Script(tokens=1000, token_delay=0.02)
-    reader, writer = await open_raw(port, "/ask?question=q")
+    reader, writer = await open_raw(port, "/ask?question=q", OWNER)
     first = await read_until(reader, b"event: update")
     stream_id = json.loads(parse_events(first.split(b"\r\n\r\n", 1)[1].split(b"\r\n", 1)[1])[0][1])["stream"]
-    stopped = await http_client.fetch(base_url + f"/stop?stream={stream_id}", method="POST", body=b"")
+    stopped = await http_client.fetch(base_url + f"/stop?stream={stream_id}", method="POST", body=b"",
+                                      headers=OWNER)
     assert stopped.code == 204
     await wait_until(lambda: len(fake.disconnects) == 1, timeout=1)
     writer.close()
-    again = await http_client.fetch(base_url + "/stop?stream=" + stream_id, method="POST", body=b"", raise_error=False)
+    again = await http_client.fetch(base_url + "/stop?stream=" + stream_id, method="POST", body=b"",
+                                    raise_error=False, headers=OWNER)
     assert again.code == 404
 
 

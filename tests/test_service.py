@@ -12,6 +12,7 @@ import pytest
 from tornado_sse.cli import parse_settings
 from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.handlers import _is_loopback
+from tornado_sse.streams import log_id
 
 from .conftest import with_settings
 from .sseclient import ask
@@ -73,7 +74,10 @@ async def test_one_summary_line_per_stream_and_no_question_or_answer(base_url, f
     summaries = [r for r in caplog.records if r.name == "tornado_sse.stream"]
     assert len(summaries) == 1
     record = summaries[0]
-    assert record.stream == answer.meta["stream"] and record.outcome == "done"
+    # The stream id resumes and stops the stream: the log carries a short hash of it, never the id.
+    assert record.stream == log_id(str(answer.meta["stream"])) and record.outcome == "done"
+    assert str(answer.meta["stream"]) not in caplog.text
+    assert str(answer.meta["conversation"]) not in caplog.text
     assert record.tokens == 2 and record.ttft_ms is not None and record.client == "127.0.0.1"
     assert "private matter" not in caplog.text and "secret answer" not in caplog.text
 
@@ -96,12 +100,12 @@ def test_json_logs_and_log_content_when_asked() -> None:
 def test_every_flag_can_come_from_the_environment_and_flags_win() -> None:
     env = {"TORNADO_SSE_PORT": "9999", "TORNADO_SSE_MAX_STREAMS": "7", "TORNADO_SSE_RESUME_GRACE": "2.5",
            "TORNADO_SSE_TRUST_PROXY_HEADERS": "true", "TORNADO_SSE_ALLOWED_ORIGINS": "https://a.example, https://b.example",
-           "TORNADO_SSE_ACCESS_TOKEN": "from-the-environment"}
+           "TORNADO_SSE_ACCESS_TOKEN": "from-the-environment-Xq7tK2"}
     settings = parse_settings([], env)
     assert (settings.port, settings.max_streams, settings.resume_grace) == (9999, 7, 2.5)
     assert settings.trust_proxy_headers is True
     assert settings.allowed_origins == ("https://a.example", "https://b.example")
-    assert settings.access_token == "from-the-environment"
+    assert settings.access_token == "from-the-environment-Xq7tK2"
     assert parse_settings(["--port", "1234", "--no-trust-proxy-headers"], env).port == 1234
     assert parse_settings(["--no-trust-proxy-headers"], env).trust_proxy_headers is False
 

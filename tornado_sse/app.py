@@ -3,6 +3,7 @@ are, and the access log. make_server(app, settings): the HTTP server with its li
 
 from __future__ import annotations
 
+import secrets
 import site
 import ssl
 import sys
@@ -13,10 +14,10 @@ import tornado.web
 
 from .backend import Backend
 from .conversations import ConversationStore
-from .guard import RateLimiter
+from .guard import Gate, RateLimiter
 from .ask import AskHandler
 from .handlers import (HealthHandler, MetricsHandler, NotFoundHandler, PageHandler, SignInHandler,
-                       StopHandler)
+                       SignOutHandler, StopHandler)
 from .logs import StreamSummary, log_request
 from .metrics import Metrics
 from .settings import Settings
@@ -47,18 +48,20 @@ def make_app(settings: Settings, backend: Backend) -> tornado.web.Application:
         ttl=settings.conversation_ttl, max_conversations=settings.max_conversations,
         system_prompt=settings.system_prompt)
     registry = StreamRegistry(backend, conversations, max_streams=settings.max_streams,
-                              resume_grace=settings.resume_grace, resume_buffer=settings.resume_buffer)
+                              resume_grace=settings.resume_grace, resume_buffer=settings.resume_buffer,
+                              pad_frames=settings.pad_frames)
     limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
     metrics = Metrics(registry)
     registry.on_finish.append(StreamSummary(settings.log_content))
-    common = {"settings": settings}
+    common = {"settings": settings, "gate": Gate(settings.session_max_age)}
     return tornado.web.Application(
         [
             (r"/", PageHandler, {**common, "backend": backend}),
             (r"/ask", AskHandler, {**common, "registry": registry, "limiter": limiter, "metrics": metrics}),
             (r"/metrics", MetricsHandler, {**common, "metrics": metrics}),
             (r"/stop", StopHandler, {**common, "registry": registry}),
-            (r"/login", SignInHandler, {**common, "limiter": limiter}),
+            (r"/login", SignInHandler, common),
+            (r"/logout", SignOutHandler, common),
             (r"/healthz", HealthHandler, {**common, "registry": registry}),
         ],
         template_path=str(asset_dir("templates")),
@@ -67,6 +70,8 @@ def make_app(settings: Settings, backend: Backend) -> tornado.web.Application:
         default_handler_args=common,
         log_function=log_request,
         registry=registry,
+        # Signs the session cookies. Unset, a random one: a restart then signs everyone out.
+        cookie_secret=settings.session_secret or secrets.token_urlsafe(32),
         xsrf_cookies=False,  # the state-changing requests check Origin/Sec-Fetch-Site instead
     )
 

@@ -15,7 +15,7 @@ from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
 from . import sse
-from .guard import RateLimiter
+from .guard import Gate, RateLimiter
 from .handlers import BaseHandler, ClientError
 from .metrics import Metrics
 from .settings import Settings
@@ -35,9 +35,9 @@ class AskHandler(BaseHandler):
     or after `--resume-grace`), closing the upstream response.
     """
 
-    def initialize(self, settings: Settings, registry: StreamRegistry,  # type: ignore[override]
-                   limiter: RateLimiter, metrics: Metrics) -> None:
-        super().initialize(settings)
+    def initialize(self, settings: Settings, gate: Gate,  # type: ignore[override]
+                   registry: StreamRegistry, limiter: RateLimiter, metrics: Metrics) -> None:
+        super().initialize(settings, gate)
         self.registry = registry
         self.limiter = limiter
         self.metrics = metrics
@@ -66,15 +66,17 @@ class AskHandler(BaseHandler):
         if wait:
             raise ClientError(429, "rate_limited", "Too many questions from your address. Please "
                               f"wait {math.ceil(wait)} s.", {"Retry-After": str(math.ceil(wait))})
-        conversation, restarted = self.registry.conversations.open(self.query("conversation"))
+        owner = self.owner()
+        conversation, restarted = self.registry.conversations.open(self.query("conversation"), owner)
         self.start_event_stream()
-        self.stream = self.registry.start(conversation, question, restarted, self.client)
+        self.stream = self.registry.start(conversation, question, restarted, self.client, owner)
         self.stream.attach(self)
         await self.follow()
 
     async def resume(self, last_event_id: str) -> None:
         parsed = sse.parse_event_id(last_event_id)
-        stream = self.registry.get(parsed[0]) if parsed else None
+        # Another browser's stream is unknown: an id alone must not replay it or cut its reader off.
+        stream = self.registry.get(parsed[0], self.owner()) if parsed else None
         self.start_event_stream()
         backlog = stream.attach(self, after=parsed[1]) if stream and parsed else None
         if stream is None or backlog is None:

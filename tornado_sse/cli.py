@@ -82,7 +82,12 @@ FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
      "X-Real-Ip / X-Forwarded-Proto (only behind a proxy you run)"),
     ("--allowed-origins", _origins, "comma-separated origins, besides this server's own, whose "
      "pages may call /ask"),
-    ("--access-token", str, "a secret /ask requires (better: TORNADO_SSE_ACCESS_TOKEN)"),
+    ("--access-token", str, "a secret /ask requires, of 128 bits or more (better: "
+     "TORNADO_SSE_ACCESS_TOKEN)"),
+    ("--session-secret", str, "signs the sign-in cookies; changing it signs everyone out (better: "
+     "TORNADO_SSE_SESSION_SECRET; unset: random, so a restart signs everyone out)"),
+    ("--session-max-age", float, "seconds a sign-in lasts"),
+    ("--pad-frames", _bool, "pad every frame to hide each token's length from the network"),
     ("--certfile", str, "TLS certificate chain (PEM); with --keyfile, serve HTTPS"),
     ("--keyfile", str, "TLS private key (PEM)"),
     ("--drain-timeout", float, "on SIGTERM, seconds open streams may run before they are ended"),
@@ -127,7 +132,7 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
                 values[dest] = kind(environ[env])
             except ValueError:
                 p.error(f"invalid {env}: {environ[env]!r} (accepted: {_ACCEPTS.get(kind, 'text')})")
-        shown = "(hidden)" if dest == "access_token" else ",".join(default) if isinstance(default, tuple) else default
+        shown = "(hidden)" if dest in ("access_token", "session_secret") else ",".join(default) if isinstance(default, tuple) else default
         if kind is _bool:
             p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{help} (default: {shown})")

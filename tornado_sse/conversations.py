@@ -4,6 +4,7 @@ total count with least-recently-used eviction."""
 
 from __future__ import annotations
 
+import hmac
 import secrets
 import time
 from collections import OrderedDict
@@ -24,6 +25,7 @@ class Turn:
 @dataclass
 class Conversation:
     id: str
+    owner: str = ""  # the browser that started it (BaseHandler.owner): to others it is unknown
     turns: list[Turn] = field(default_factory=list)
     used: float = 0.0
     system: str | None = None  # the operator's system prompt when it started; never trimmed
@@ -54,13 +56,17 @@ class ConversationStore:
     def __len__(self) -> int:
         return len(self._items)
 
-    def open(self, id: str | None) -> tuple[Conversation, bool]:
-        """The conversation `id`, or a new one; the flag says a given id was unknown or expired."""
+    def open(self, id: str | None, owner: str = "") -> tuple[Conversation, bool]:
+        """The conversation `id` if `owner` started it, or a new one of `owner`'s; the flag says a
+        given id was unknown, expired or someone else's (which must look the same: an id alone
+        must not let a stranger read the turns back through the model, nor add to them)."""
         now = self._clock()
         self._expire(now)
         conversation = self._items.get(id) if id else None
+        if conversation is not None and not hmac.compare_digest(conversation.owner.encode(), owner.encode()):
+            conversation = None
         if conversation is None:
-            conversation = Conversation(secrets.token_urlsafe(16), system=self._system_prompt)
+            conversation = Conversation(secrets.token_urlsafe(16), owner, system=self._system_prompt)
             self._items[conversation.id] = conversation
             while len(self._items) > self._max:
                 self._items.popitem(last=False)

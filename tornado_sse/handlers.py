@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 from types import TracebackType
 from typing import Any, cast
 
@@ -13,7 +14,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from tornado.http1connection import HTTP1Connection
 
 from .backend import Backend
-from .guard import COOKIE, RateLimiter, cross_site, secret_equals, session_value, token_matches
+from .guard import (OWNER_COOKIE, SESSION_COOKIE, Gate, bearer, cross_site, new_id, secret_equals,
+                    valid_owner)
 from .settings import Settings
 from .metrics import Metrics
 from .streams import StreamRegistry
@@ -44,8 +46,9 @@ _GENERIC = {
 
 
 class BaseHandler(tornado.web.RequestHandler):
-    def initialize(self, settings: Settings) -> None:
+    def initialize(self, settings: Settings, gate: Gate) -> None:
         self.config = settings
+        self.gate = gate
 
     def set_default_headers(self) -> None:
         self.set_header("X-Content-Type-Options", "nosniff")
@@ -89,19 +92,58 @@ class BaseHandler(tornado.web.RequestHandler):
         """The client's address: the socket's, or the proxy's word for it with --trust-proxy-headers."""
         return self.request.remote_ip or "unknown"
 
+    def session(self) -> str | None:
+        """The session id of a valid sign-in cookie: signed by us, younger than --session-max-age,
+        not signed out."""
+        # min_version=2: Tornado's version-1 decoder logs a rejected cookie's value.
+        value = self.get_signed_cookie(SESSION_COOKIE, max_age_days=self.config.session_max_age / 86400,
+                                       min_version=2)
+        session = value.decode("utf-8", "replace") if value else None
+        return session if session and not self.gate.revoked(session) else None
+
     def signed_in(self) -> bool:
-        token = self.config.access_token
-        return token is None or token_matches(self.request, token)
+        return self.config.access_token is None or self.session() is not None
 
     def check_access(self) -> None:
-        """The gate in front of anything that spends: same-site pages only, and the token."""
+        """The gate in front of anything that spends: same-site pages only, and the token.
+
+        A client whose failures used up its bucket gets 429 before its token is even compared,
+        a right one included: an answer that differed would let the guessing go on (nginx's
+        limit_req and fail2ban lock the address the same way). A valid signed session still
+        passes: checking a signature tells nothing about the token.
+        """
         if cross_site(self.request, self.config.allowed_origins):
             raise ClientError(403, "cross_site", "This server only answers its own page: a "
                               "request from another site was refused.")
-        if not self.signed_in():
-            raise ClientError(401, "unauthorized", "This server needs an access token: sign in on "
-                              "its page, or send 'Authorization: Bearer <token>'.",
-                              {"WWW-Authenticate": 'Bearer realm="tornado-sse"'})
+        token = self.config.access_token
+        if token is None or self.session() is not None:
+            return
+        self.check_failures()
+        given = bearer(self.request)
+        if given is not None and secret_equals(given, token):
+            return
+        self.gate.failures.take(self.client)
+        raise ClientError(401, "unauthorized", "This server needs an access token: sign in on "
+                          "its page, or send 'Authorization: Bearer <token>'.",
+                          {"WWW-Authenticate": 'Bearer realm="tornado-sse"'})
+
+    def check_failures(self) -> None:
+        """429 while this client's failed attempts are used up."""
+        wait = math.ceil(self.gate.failures.wait(self.client))
+        if wait:
+            raise ClientError(429, "too_many_failures", "Too many wrong access tokens from your "
+                              f"address. Please wait {wait} s.", {"Retry-After": str(wait)})
+
+    def owner(self) -> str:
+        """This browser's owner id, from its cookie; a new one (and the cookie) when it has none.
+        API clients keep the cookie like a browser does (curl -c/-b, a requests Session)."""
+        value = self.get_cookie(OWNER_COOKIE)
+        if value is not None and valid_owner(value):
+            return value
+        value = new_id()
+        self.set_cookie(OWNER_COOKIE, value, httponly=True, samesite="Strict",
+                        secure=self.request.protocol == "https", path="/")
+        return value
 
 
 class NotFoundHandler(BaseHandler):
@@ -110,8 +152,8 @@ class NotFoundHandler(BaseHandler):
 
 
 class PageHandler(BaseHandler):
-    def initialize(self, settings: Settings, backend: Backend) -> None:  # type: ignore[override]
-        super().initialize(settings)
+    def initialize(self, settings: Settings, gate: Gate, backend: Backend) -> None:  # type: ignore[override]
+        super().initialize(settings, gate)
         self.backend = backend
 
     def get(self) -> None:
@@ -120,34 +162,48 @@ class PageHandler(BaseHandler):
         self.render("index.html", demo=self.backend.name == "demo", model=self.backend.model,
                     max_question_chars=self.config.max_question_chars,
                     resume_grace=self.config.resume_grace, needs_sign_in=not self.signed_in(),
+                    can_sign_out=self.config.access_token is not None,
                     sign_in_failed=self.query("sign_in") == "failed")
 
 
 class SignInHandler(BaseHandler):
-    """POST /login: the page's sign-in form sets an HttpOnly, SameSite=Strict session cookie."""
-
-    def initialize(self, settings: Settings, limiter: RateLimiter) -> None:  # type: ignore[override]
-        super().initialize(settings)
-        self.limiter = limiter
+    """POST /login: the page's sign-in form sets an HttpOnly, SameSite=Strict session cookie
+    holding a new random session id, signed and timestamped (it expires after --session-max-age)."""
 
     def post(self) -> None:
         token = self.config.access_token
         if cross_site(self.request, self.config.allowed_origins):
             raise ClientError(403, "cross_site", "Sign in on this server's own page.")
-        if self.limiter.take("sign-in " + self.client):
-            raise ClientError(429, "rate_limited", "Too many sign-in attempts. Wait a minute.")
+        self.check_failures()
         given = self.get_body_argument("token", "")
         if token is not None and secret_equals(given.strip(), token):
-            self.set_cookie(COOKIE, session_value(token), httponly=True, samesite="Strict",
-                            secure=self.request.protocol == "https", path="/")
+            days = self.config.session_max_age / 86400
+            self.set_signed_cookie(SESSION_COOKIE, new_id(), expires_days=days, httponly=True,
+                                   samesite="Strict", secure=self.request.protocol == "https", path="/")
             self.redirect("/", status=303)
         else:
+            self.gate.failures.take(self.client)
             self.redirect("/?sign_in=failed", status=303)
 
 
+class SignOutHandler(BaseHandler):
+    """POST /logout: this session is over, on this server, even if its cookie was copied; and
+    the browser gets a new owner id, so the next person does not continue these conversations."""
+
+    def post(self) -> None:
+        if cross_site(self.request, self.config.allowed_origins):
+            raise ClientError(403, "cross_site", "Sign out on this server's own page.")
+        session = self.session()
+        if session is not None:
+            self.gate.revoke(session)
+        self.clear_cookie(SESSION_COOKIE, path="/")
+        self.clear_cookie(OWNER_COOKIE, path="/")
+        self.redirect("/", status=303)
+
+
 class HealthHandler(BaseHandler):
-    def initialize(self, settings: Settings, registry: StreamRegistry) -> None:  # type: ignore[override]
-        super().initialize(settings)
+    def initialize(self, settings: Settings, gate: Gate, registry: StreamRegistry) -> None:  # type: ignore[override]
+        super().initialize(settings, gate)
         self.registry = registry
 
     def get(self) -> None:
@@ -162,8 +218,8 @@ class HealthHandler(BaseHandler):
 class MetricsHandler(BaseHandler):
     """GET /metrics in Prometheus' text format; from loopback only unless --public-metrics."""
 
-    def initialize(self, settings: Settings, metrics: Metrics) -> None:  # type: ignore[override]
-        super().initialize(settings)
+    def initialize(self, settings: Settings, gate: Gate, metrics: Metrics) -> None:  # type: ignore[override]
+        super().initialize(settings, gate)
         self.metrics = metrics
 
     def get(self) -> None:
@@ -184,16 +240,17 @@ def _is_loopback(address: str) -> bool:
 
 
 class StopHandler(BaseHandler):
-    """POST /stop?stream=ID: the reader pressed Stop; abort now, whatever the resume grace."""
+    """POST /stop?stream=ID: the reader pressed Stop; abort now, whatever the resume grace. The
+    reader gets `finish` "stopped" and the end frame. Another browser's stream is unknown here."""
 
-    def initialize(self, settings: Settings, registry: StreamRegistry) -> None:  # type: ignore[override]
-        super().initialize(settings)
+    def initialize(self, settings: Settings, gate: Gate, registry: StreamRegistry) -> None:  # type: ignore[override]
+        super().initialize(settings, gate)
         self.registry = registry
 
     def post(self) -> None:
         self.check_access()
-        stream = self.registry.get(self.query("stream") or "")
+        stream = self.registry.get(self.query("stream") or "", self.owner())
         if stream is None:
             raise ClientError(404, "unknown_stream", "There is no such answer being written.")
-        stream.abort()
+        stream.stop()
         self.set_status(204)

@@ -70,7 +70,8 @@ class StreamSummary:
     def __call__(self, stream: Stream) -> None:
         ttft = None if stream.first_token_at is None else round(1000 * (stream.first_token_at - stream.started_at))
         duration = round(1000 * (stream.finished_at - stream.started_at))
-        fields: dict[str, object] = {"stream": stream.id, "outcome": stream.outcome,
+        # The stream's id resumes and stops it: the log shows a short hash (streams.log_id).
+        fields: dict[str, object] = {"stream": stream.log_id, "outcome": stream.outcome,
                                      "tokens": len(stream.answer), "ttft_ms": ttft,
                                      "duration_ms": duration, "client": stream.client}
         ending = ""
@@ -83,7 +84,7 @@ class StreamSummary:
         if self.log_content:
             fields["question"] = stream.question
             fields["answer"] = "".join(stream.answer)
-        stream_log.info("stream %s %s tokens=%d ttft=%s duration=%dms client=%s%s%s", stream.id,
+        stream_log.info("stream %s %s tokens=%d ttft=%s duration=%dms client=%s%s%s", stream.log_id,
                         stream.outcome, len(stream.answer), "-" if ttft is None else f"{ttft}ms",
                         duration, stream.client, ending,
                         f" question={stream.question!r} answer={''.join(stream.answer)!r}"

@@ -28,7 +28,8 @@ class Metrics:
         r = self.registry
         self.started = Counter("tornado_sse_streams_started", "Streams started.", registry=r)
         self.finished = Counter("tornado_sse_streams_finished", "Streams finished, by outcome "
-                                "(done, aborted by the client, or the error code).", ["outcome"], registry=r)
+                                "(done, stopped by the reader, aborted by the client, or the error code).",
+                                ["outcome"], registry=r)
         self.rejected = Counter("tornado_sse_requests_rejected", "Questions refused before a "
                                 "stream started, by code (busy, rate_limited, unauthorized, ...).",
                                 ["code"], registry=r)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -14,6 +16,8 @@ ApiName = Literal["chat", "responses"]
 APIS: tuple[ApiName, ...] = ("chat", "responses")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 REASONING_EFFORTS = ("minimal", "low", "medium", "high")
+MIN_SECRET_BITS = 128
+MAKE_A_SECRET = 'python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 
 class SettingsError(ValueError):
@@ -53,6 +57,9 @@ class Settings:
     trust_proxy_headers: bool = False
     allowed_origins: tuple[str, ...] = ()
     access_token: str | None = field(default=None, repr=False)
+    session_secret: str | None = field(default=None, repr=False)  # None: random per process
+    session_max_age: float = 7 * 24 * 3600.0  # seconds a sign-in lasts
+    pad_frames: bool = True
     certfile: str | None = None
     keyfile: str | None = None
     drain_timeout: float = 10.0
@@ -107,8 +114,12 @@ class Settings:
         for origin in self.allowed_origins:
             _check("://" in origin and not origin.endswith("/"), "allowed_origins", origin,
                    "origins like https://example.com, without a path")
-        _check(self.access_token is None or len(self.access_token) >= 8, "access_token",
-               "(hidden)", "at least 8 characters")
+        for name in ("access_token", "session_secret"):
+            secret = getattr(self, name)
+            _check(secret is None or entropy_bits(secret) >= MIN_SECRET_BITS, name, "(hidden)",
+                   f"a random secret of at least {MIN_SECRET_BITS} bits, such as 22 random letters "
+                   f"and digits; make one with: {MAKE_A_SECRET}")
+        _check(self.session_max_age > 0, "session_max_age", self.session_max_age, "seconds > 0")
 
     @property
     def resolved_backend(self) -> Literal["openai", "demo"]:
@@ -134,6 +145,19 @@ class Settings:
             base_url=environ.get("OPENAI_BASE_URL") or None,
             access_token=self.access_token or environ.get("TORNADO_SSE_ACCESS_TOKEN") or None,
         )
+
+
+_CLASSES = (string.ascii_lowercase, string.ascii_uppercase, string.digits)
+
+
+def entropy_bits(secret: str) -> float:
+    """An upper bound on a secret's entropy, as guessers count: its length times log2 of the
+    alphabet of the character classes it uses (26 lower, 26 upper, 10 digits, 33 for anything
+    else). A word or a repeated pattern has far less; a random string from a generator has this."""
+    alphabet = sum(len(chars) for chars in _CLASSES if any(c in chars for c in secret))
+    if any(not any(c in chars for chars in _CLASSES) for c in secret):
+        alphabet += 33  # ASCII punctuation and space; other characters count no more
+    return len(secret) * math.log2(alphabet) if alphabet > 1 else 0.0
 
 
 def _check(ok: bool, name: str, value: object, accepted: str) -> None:

@@ -8,6 +8,18 @@ import re
 END_MARKER = "<END_STREAMING_SSE>"
 PING = b": ping\n\n"  # a comment line: keeps proxies and browsers from timing out, shows nothing
 
+# Padding against the token-length side channel (Weiss et al., "What Was Your Prompt?", USENIX
+# Security 2024; Whisper Leak, 2025): over TLS each frame is one record, so an unpadded frame's
+# size gives its token's length away. A padded frame is a comment line in front, making its size
+# the next multiple of PAD_BUCKET plus PAD_STEP times a random 0..PAD_STEPS-1 (the way OpenAI's
+# `obfuscation` field normalizes its own events). Any delta up to ~70 bytes then has the same
+# four possible sizes; longer ones show only which 128-byte bucket they fall in.
+PAD_BUCKET = 128
+PAD_STEP = 32
+PAD_STEPS = 4
+# Every comment line pad() can need, built once: the per-token path is one lookup and one join.
+_PAD_LINES = tuple(b": " + b"." * n + b"\n" for n in range(PAD_BUCKET + PAD_STEP * PAD_STEPS))
+
 # The spec ends a line at CRLF, CR or LF, and nowhere else (str.splitlines() would also split on
 # U+2028, U+0085 and friends, and drop a trailing newline).
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -22,6 +34,14 @@ def encode_event(event: str, data: str, id: str | None = None) -> bytes:
     """
     head = "id: " + id + "\nevent: " if id is not None else "event: "
     return (head + event + "\ndata: " + "\ndata: ".join(_LINE_BREAK.split(data)) + "\n\n").encode()
+
+
+def pad(frame: bytes, noise: int) -> bytes:
+    """`frame` behind a `: ....` comment line (which EventSource ignores) that brings its length
+    to the next multiple of PAD_BUCKET, plus `noise` (0 <= noise < PAD_STEPS) times PAD_STEP.
+    The caller draws `noise` at random, so this stays a pure function."""
+    filler = -(len(frame) + 3) % PAD_BUCKET + noise * PAD_STEP  # 3: the line's ": " and "\n"
+    return _PAD_LINES[filler] + frame
 
 
 def update_parts(text: str) -> tuple[str, ...]:

@@ -9,8 +9,11 @@ upstream request is ever made. Otherwise a lost connection aborts the generation
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
+import os
 import secrets
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +26,7 @@ from .errors import Failure, describe, without_keys
 
 log = logging.getLogger(__name__)
 
+STOPPED = json.dumps({"reason": "stopped"})
 SHUTTING_DOWN = Failure("server_shutdown", "The server is restarting. Please ask again in a moment.")
 
 
@@ -37,8 +41,12 @@ class Listener(Protocol):
 
 
 class Stream:
-    def __init__(self, registry: StreamRegistry, conversation: Conversation, question: str):
+    def __init__(self, registry: StreamRegistry, conversation: Conversation, question: str,
+                 owner: str = ""):
         self.id = secrets.token_urlsafe(12)
+        # The id is a capability (it resumes and stops the stream): logs get a short hash of it.
+        self.log_id = log_id(self.id)
+        self.owner = owner  # the browser that asked (BaseHandler.owner); only it may resume or stop
         self.registry = registry
         self.conversation = conversation
         self.question = question
@@ -51,6 +59,8 @@ class Stream:
         self.outcome = "aborted"
         self.error: BaseException | None = None
         self.stop_failure: Failure | None = None
+        self.stopped = False  # the reader pressed Stop
+        self.phase = "start"  # "relay" while the upstream is read, "end" for the last frames
         self.client = ""
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
@@ -70,6 +80,9 @@ class Stream:
         failure: Failure | None = None
         try:
             try:
+                self.phase = "relay"
+                if self.stopped:  # Stop came while the meta frame went out
+                    raise asyncio.CancelledError
                 async for delta in upstream:
                     if isinstance(delta, Finish):  # the last item: sent after the loop
                         self.finish = delta
@@ -87,20 +100,24 @@ class Stream:
                             self.first_chunk_at = asyncio.get_running_loop().time()
                         await self.emit(event, text)
             except asyncio.CancelledError:
-                if self.stop_failure is None:
-                    raise  # the reader left, or pressed Stop
+                if self.stop_failure is None and not self.stopped:
+                    raise  # the reader left
                 failure = self.stop_failure
             except Exception as exc:
                 failure = describe(exc)
                 self.error = exc
-                log.warning("stream %s failed (%s): %s: %s", self.id, failure.code,
+                log.warning("stream %s failed (%s): %s: %s", self.log_id, failure.code,
                             type(exc).__name__, without_keys(str(exc)),
                             exc_info=failure.code == "internal_error")
         finally:
+            self.phase = "end"  # Stop cancels no more: the last frames must go out
             await upstream.aclose()  # closes the upstream response, whatever happened
         if failure is not None:
             self.outcome = failure.code
             await self.emit("error", json.dumps({"code": failure.code, "message": failure.message}))
+        elif self.stopped:
+            self.outcome = "stopped"
+            await self.emit("finish", STOPPED)
         else:
             self.outcome = "done"
             await self.emit("finish", finish_data(self.finish or Finish("stop")))
@@ -112,6 +129,8 @@ class Stream:
     async def emit(self, event: str, data: str) -> None:
         self.seq += 1
         frame = sse.encode_event(event, data, f"{self.id}.{self.seq}")
+        if self.registry.pad_frames:
+            frame = sse.pad(frame, self.registry.pad_step())
         if self.frames is not None:
             self.frames.append(frame)
         if self.listener is not None:
@@ -157,6 +176,15 @@ class Stream:
         if self.task is not None:
             self.task.cancel()
 
+    def stop(self) -> None:
+        """The reader pressed Stop: abort the generation, then end with `finish` "stopped" and the
+        end frame, so the response finishes instead of idling with pings."""
+        if self.phase == "end" or self.stopped:
+            return
+        self.stopped = True
+        if self.phase == "relay":  # before it, run() sees `stopped` and never opens the upstream
+            self.abort()
+
     def shut_down(self) -> None:
         """End with an error frame and the end frame: the server is stopping."""
         self.stop_failure = SHUTTING_DOWN
@@ -177,12 +205,14 @@ class StreamRegistry:
     finished ones stay for the resume grace when a reader may still come back for their end."""
 
     def __init__(self, backend: Backend, conversations: ConversationStore, *, max_streams: int,
-                 resume_grace: float, resume_buffer: int):
+                 resume_grace: float, resume_buffer: int, pad_frames: bool = False):
         self.backend = backend
         self.conversations = conversations
         self.max_streams = max_streams
         self.resume_grace = resume_grace
         self.resume_buffer = resume_buffer
+        self.pad_frames = pad_frames
+        self._random: list[int] = []  # bytes from the OS's CSPRNG for the padding's random steps
         self.streams: dict[str, Stream] = {}
         self.running = 0
         self.draining = False
@@ -194,8 +224,8 @@ class StreamRegistry:
         return self.running >= self.max_streams
 
     def start(self, conversation: Conversation, question: str, restarted: bool,
-              client: str = "") -> Stream:
-        stream = Stream(self, conversation, question)
+              client: str = "", owner: str = "") -> Stream:
+        stream = Stream(self, conversation, question, owner)
         stream.client = client
         self.streams[stream.id] = stream
         self.running += 1
@@ -208,8 +238,17 @@ class StreamRegistry:
             callback(stream)
         return stream
 
-    def get(self, stream_id: str) -> Stream | None:
-        return self.streams.get(stream_id)
+    def pad_step(self) -> int:
+        """A random 0..PAD_STEPS-1 for sse.pad. One urandom call per 4,096 frames: per frame,
+        secrets.randbelow would be a system call and most of the padding's cost."""
+        if not self._random:
+            self._random = list(os.urandom(4096))
+        return self._random.pop() % sse.PAD_STEPS  # 256 is a multiple of PAD_STEPS: no bias
+
+    def get(self, stream_id: str, owner: str) -> Stream | None:
+        """The stream, if `owner` started it: to anyone else it does not exist."""
+        stream = self.streams.get(stream_id)
+        return stream if stream is not None and same_owner(stream.owner, owner) else None
 
     def _finished(self, stream: Stream) -> None:
         self.running -= 1
@@ -229,3 +268,12 @@ class StreamRegistry:
         for stream in list(self.streams.values()):
             if not stream.done:
                 stream.shut_down()
+
+
+def same_owner(a: str, b: str) -> bool:
+    return bool(a) and hmac.compare_digest(a.encode(), b.encode())
+
+
+def log_id(id: str) -> str:
+    """An id as logs show it: enough to match lines up, useless to resume or stop anything."""
+    return hashlib.sha256(id.encode()).hexdigest()[:12]
