@@ -1,4 +1,4 @@
-"""The lean upstream transport: HTTP/1.1 framing, keep-alive, and the httpx fallback."""
+"""The lean upstream transport: HTTP/1.1 framing, keep-alive, and the aiohttp alternative."""
 
 from __future__ import annotations
 
@@ -21,9 +21,16 @@ class FakeTransport(asyncio.Transport):
     def resume_reading(self) -> None: ...
 
 
+HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
 async def decode_chunked(wire: bytes, cuts: list[int]) -> bytes:
+    """The body of a chunked response whose body arrives in reads ending at `cuts`."""
     conn = _Connection()
     conn.connection_made(FakeTransport())
+    conn.start()
+    conn.data_received(HEAD)
+    assert await conn.read_head() == (200, [(b"Transfer-Encoding", b"chunked")])
     out = bytearray()
 
     async def feed() -> None:
@@ -34,9 +41,12 @@ async def decode_chunked(wire: bytes, cuts: list[int]) -> bytes:
             await asyncio.sleep(0)
 
     feeder = asyncio.ensure_future(feed())
-    async for piece in conn.read_chunked():
-        out += piece
-    await feeder
+    try:
+        async for piece in conn.read_body():
+            out += piece
+    finally:
+        await feeder
+    assert conn.complete and conn.keep_alive
     return bytes(out)
 
 
@@ -128,8 +138,8 @@ def settings(request: pytest.FixtureRequest, settings):
     return with_settings(settings, **getattr(request, "param", {}))
 
 
-@pytest.mark.parametrize("settings", [{"upstream_transport": "httpx"}], indirect=True)
-async def test_httpxs_own_transport_streams_the_same(base_url, fake):
+@pytest.mark.parametrize("settings", [{"upstream_transport": "aiohttp"}], indirect=True)
+async def test_the_sdks_aiohttp_client_streams_the_same(base_url, fake):
     fake.script = Script(deltas=["a\nb", " \u00e9"], fail=None)
     answer = await ask(base_url, "question=q")
     assert answer.text == "a\nb \u00e9" and not answer.errors
