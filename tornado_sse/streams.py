@@ -19,7 +19,7 @@ from typing import Protocol
 from . import sse
 from .backend import Backend, Message
 from .conversations import Conversation, ConversationStore, Turn
-from .errors import Failure, describe
+from .errors import Failure, cause_chain, describe
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ class Stream:
             except Exception as exc:
                 failure = describe(exc)
                 self.error = exc
-                log.warning("stream %s failed (%s): %s: %s", self.id, failure.code,
-                            type(exc).__name__, exc, exc_info=failure.code == "internal_error")
+                log.warning("stream %s failed (%s): %s", self.id, failure.code, cause_chain(exc),
+                            exc_info=failure.code == "internal_error")
         finally:
             await upstream.aclose()  # closes the upstream response, whatever happened
         if failure is not None:

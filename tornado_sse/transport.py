@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from collections.abc import AsyncIterator
 
@@ -273,7 +274,7 @@ class FastTransport(httpx2.AsyncBaseTransport):
         except TimeoutError:
             raise httpx2.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
         except OSError as exc:
-            raise httpx2.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+            raise httpx2.ConnectError(f"cannot connect to {host}:{port}: {_reason(exc)}") from exc
         return conn
 
     async def aclose(self) -> None:
@@ -281,3 +282,11 @@ class FastTransport(httpx2.AsyncBaseTransport):
             for conn in idle:
                 conn.close()
         self._idle.clear()
+
+
+def _reason(exc: OSError) -> str:
+    """`Connection refused` rather than asyncio's `Connect call failed (address)`; an SSL error's
+    own text (its errno is OpenSSL's, not the system's); a resolver error as it is."""
+    if isinstance(exc, ssl.SSLError) or not exc.errno or exc.errno < 0:
+        return str(exc)
+    return os.strerror(exc.errno)
