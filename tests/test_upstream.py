@@ -247,3 +247,11 @@ async def test_a_refused_connection_is_logged_as_the_cause(settings, caplog, tra
     assert [json.loads(e)["code"] for e in answer.errors] == ["upstream_unreachable"]
     [line] = failure_lines(caplog)
     assert "caused by Connect" in line and re.search(r"Connection ?refused", line, re.I), line
+
+
+def test_an_unreadable_ssl_cert_file_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    env = {**BARE_ENV, "OPENAI_BASE_URL": "https://127.0.0.1:1/v1", "SSL_CERT_FILE": str(tmp_path / "nope.pem")}
+    run = subprocess.run([sys.executable, "-m", "tornado_sse", "--port", "0"], capture_output=True,
+                         text=True, env=env, timeout=30)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert f"cannot load the CA certificates in SSL_CERT_FILE '{tmp_path / 'nope.pem'}'" in run.stderr
