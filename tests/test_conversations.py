@@ -11,8 +11,8 @@ import pytest
 from tornado_sse.conversations import CUT_OFF_NOTE, ConversationStore, Turn
 from tornado_sse.demo import FakeUpstream, Script
 
-from .conftest import OWNER
-from .sseclient import ask, open_raw, read_until
+from .conftest import OWNER, with_settings
+from .sseclient import ask, open_raw, read_until, serving
 
 
 class Clock:
@@ -129,3 +129,23 @@ async def test_a_failed_answer_before_any_text_is_not_kept(base_url, fake):
     fake.script = Script(deltas=["ok"])
     await ask(base_url, f"question=q2&conversation={first.meta['conversation']}", headers=OWNER)
     assert fake.requests[1]["messages"] == [{"role": "user", "content": "q2"}]
+
+
+@pytestmark_http
+async def test_an_answer_longer_than_the_character_bound_is_kept_cut_and_marked(settings, fake):
+    fake.script = Script(deltas=["0123456789"] * 20)  # 200 characters
+    async with serving(with_settings(settings, max_conversation_chars=50)) as base_url:
+        first = await ask(base_url, "question=q1", headers=OWNER)
+        assert len(first.text) == 200  # the reader gets all of it; the conversation keeps 50
+        fake.script = Script(deltas=["ok"])
+        await ask(base_url, f"question=q2&conversation={first.meta['conversation']}", headers=OWNER)
+    assert fake.requests[1]["messages"][:2] == [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": ("0123456789" * 5)[:48] + CUT_OFF_NOTE}]
+
+
+def test_the_newest_turn_alone_is_cut_to_the_character_bound() -> None:
+    s = store(max_chars=30)
+    c, _ = s.open(None)
+    s.record(c, Turn("question", "x" * 100))
+    assert c.turns == [Turn("question", "x" * 22, cut_off=True)]

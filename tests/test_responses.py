@@ -204,8 +204,8 @@ async def test_an_explicit_temperature_a_reasoning_model_refuses_is_the_provider
 
 
 @pytest.mark.gen_test
-@pytest.mark.parametrize("settings", [{"upstream_transport": "httpx"}], indirect=True)
-async def test_httpxs_own_transport_streams_the_same(base_url, fake):
+@pytest.mark.parametrize("settings", [{"upstream_transport": "aiohttp"}], indirect=True)
+async def test_the_sdks_aiohttp_client_streams_the_same(base_url, fake):
     fake.script = Script(deltas=["a\nb", " \u00e9"])
     assert (await ask(base_url, "question=q")).text == "a\nb \u00e9"
     for fail in ("truncate", "reset"):

@@ -1,8 +1,11 @@
-"""The lean upstream transport: HTTP/1.1 framing, keep-alive, and the httpx fallback."""
+"""The lean upstream transport: HTTP/1.1 framing, keep-alive, and the aiohttp alternative."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import re
 
 import httpx2
 import pytest
@@ -11,7 +14,7 @@ from tornado_sse.demo import Script
 from tornado_sse.transport import FastTransport, _Connection
 
 from .conftest import with_settings
-from .sseclient import ask
+from .sseclient import ask, serving
 
 pytestmark = pytest.mark.gen_test
 
@@ -21,9 +24,16 @@ class FakeTransport(asyncio.Transport):
     def resume_reading(self) -> None: ...
 
 
+HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
 async def decode_chunked(wire: bytes, cuts: list[int]) -> bytes:
+    """The body of a chunked response whose body arrives in reads ending at `cuts`."""
     conn = _Connection()
     conn.connection_made(FakeTransport())
+    conn.start()
+    conn.data_received(HEAD)
+    assert await conn.read_head() == (200, [(b"Transfer-Encoding", b"chunked")])
     out = bytearray()
 
     async def feed() -> None:
@@ -34,9 +44,12 @@ async def decode_chunked(wire: bytes, cuts: list[int]) -> bytes:
             await asyncio.sleep(0)
 
     feeder = asyncio.ensure_future(feed())
-    async for piece in conn.read_chunked():
-        out += piece
-    await feeder
+    try:
+        async for piece in conn.read_body():
+            out += piece
+    finally:
+        await feeder
+    assert conn.complete and conn.keep_alive
     return bytes(out)
 
 
@@ -128,11 +141,104 @@ def settings(request: pytest.FixtureRequest, settings):
     return with_settings(settings, **getattr(request, "param", {}))
 
 
-@pytest.mark.parametrize("settings", [{"upstream_transport": "httpx"}], indirect=True)
-async def test_httpxs_own_transport_streams_the_same(base_url, fake):
+@pytest.mark.parametrize("settings", [{"upstream_transport": "aiohttp"}], indirect=True)
+async def test_the_sdks_aiohttp_client_streams_the_same(base_url, fake):
     fake.script = Script(deltas=["a\nb", " \u00e9"], fail=None)
     answer = await ask(base_url, "question=q")
     assert answer.text == "a\nb \u00e9" and not answer.errors
     fake.script = Script(deltas=["x", "y"], fail="truncate", fail_after=1)
     cut = await ask(base_url, "question=q")
     assert cut.text == "x" and '"upstream_incomplete"' in cut.errors[0]
+
+
+class StaleAfterWarmUp:
+    """An upstream whose kept-alive connections, once `stale` is set, read the next request and
+    close without answering (as a server that timed them out does); new connections answer."""
+
+    def __init__(self) -> None:
+        self.posts, self.connections, self.stale = 0, 0, False
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        opened_stale = self.stale
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                self.posts += 1
+                if self.stale and not opened_stale:
+                    break
+                await asyncio.sleep(0.05)  # so warm-up requests each need a connection of their own
+                writer.write(OK)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+            await writer.wait_closed()
+
+
+async def test_a_request_on_stale_kept_alive_connections_is_resent_once_and_logged(caplog):
+    upstream = StaleAfterWarmUp()
+    async with upstream as url, httpx2.AsyncClient(transport=FastTransport(connect_timeout=2)) as client:
+        warm = await asyncio.gather(*[client.post(url + "/", content=b"{}") for _ in range(8)])
+        assert [r.content for r in warm] == [b"ok"] * 8 and upstream.connections == 8
+        upstream.stale, upstream.posts = True, 0
+        with caplog.at_level(logging.INFO, logger="tornado_sse.transport"):
+            answer = await client.post(url + "/", content=b"{}")
+    # One POST on an idle connection, seen closed; one on a new connection. Not one per idle one.
+    assert answer.content == b"ok" and upstream.posts == 2 and upstream.connections == 9
+    [line] = [r.getMessage() for r in caplog.records if r.name == "tornado_sse.transport"]
+    assert "closed an idle keep-alive connection" in line and "sending the request again" in line
+
+
+async def test_a_new_connection_closed_before_answering_is_not_resent():
+    posts = 0
+
+    async def close_after_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal posts
+        await reader.readuntil(b"\r\n\r\n")
+        posts += 1
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(close_after_reading, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    try:
+        async with httpx2.AsyncClient(transport=FastTransport(connect_timeout=2)) as client:
+            with pytest.raises(httpx2.RemoteProtocolError):
+                await client.post(url, content=b"")
+    finally:
+        server.close()
+    assert posts == 1
+
+
+def chat_answer(*texts: str, interim: bytes = b"") -> bytes:
+    """A whole Chat Completions stream as an upstream writes it, after `interim` 1xx answers."""
+    body = b"".join(b"data: " + json.dumps({"choices": [{"delta": {"content": t}}]}).encode() + b"\n\n"
+                    for t in texts) + b"data: [DONE]\n\n"
+    return interim + (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked"
+                      b"\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+
+
+@pytest.mark.parametrize("interim", [
+    b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n",
+])
+async def test_interim_1xx_answers_are_skipped_for_the_real_one(settings, interim):
+    server = CountingServer([chat_answer("hello", " there", interim=interim)])
+    async with server as url, serving(with_settings(settings, base_url=url + "/v1")) as ours:
+        answer = await ask(ours, "question=q")
+    assert answer.text == "hello there" and not answer.errors
+    assert answer.events[-1] == ("update", "<END_STREAMING_SSE>")

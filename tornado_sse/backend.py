@@ -16,7 +16,7 @@ import asyncio
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, NamedTuple, Protocol
 
 import httpx2
@@ -24,8 +24,9 @@ import jiter
 import openai
 
 from .errors import ErrorInStream, IncompleteStream, MalformedChunk
+from .eventstream import EventStreamDecoder
 from .settings import Settings
-from .transport import FastTransport
+from .upstream import make_http_client
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class OpenAIBackend:
             base_url=base_url or settings.base_url,
             max_retries=settings.max_retries,
             timeout=timeout,
-            http_client=make_http_client(settings, timeout),
+            http_client=make_http_client(settings, timeout, base_url or settings.base_url),
         )
 
     async def stream(self, messages: list[Message]) -> AsyncGenerator[Delta | Finish, None]:
@@ -177,17 +178,6 @@ class OpenAIBackend:
         await self._client.close()
 
 
-def make_http_client(settings: Settings, timeout: httpx2.Timeout) -> httpx2.AsyncClient:
-    """The SDK's httpx client, on the lean transport unless `--upstream-transport httpx`."""
-    if settings.upstream_transport == "fast":
-        transport = FastTransport(connect_timeout=settings.connect_timeout)
-        return openai.DefaultAsyncHttpxClient(timeout=timeout, transport=transport)
-    # httpx's own stack (proxies from the environment, HTTP/2 if installed); its default pool
-    # stops at 1,000 connections, and one process holds more streams.
-    return openai.DefaultAsyncHttpxClient(
-        timeout=timeout, limits=httpx2.Limits(max_connections=None, max_keepalive_connections=200))
-
-
 def parse_chat_chunk(data: bytes) -> tuple[str | None, str | None, dict[str, Any] | None]:
     """A `chat.completion.chunk` -> (answer text, reasoning text, the chunk itself when it says
     how the stream ends: a `finish_reason` or `usage`), each of them None when absent.
@@ -245,41 +235,6 @@ def refused_parameter(exc: openai.APIStatusError) -> str | None:
     message = body.get("message")
     found = _REFUSED.search(message) if isinstance(message, str) else None
     return found.group(1) if found else None
-
-
-class EventStreamDecoder:
-    """Incremental decoder of a `text/event-stream` body into each event's data.
-
-    Lines end at CRLF, CR or LF, also when a CRLF is split between two reads. Fields other than
-    `data` (`event`, `id`, `retry`) and comments are not needed for Chat Completions.
-    """
-
-    def __init__(self) -> None:
-        self._tail = b""
-        self._data: list[bytes] = []
-        self._skip_lf = False  # the last read ended in CR: a LF starting the next one is its pair
-
-    def feed(self, chunk: bytes) -> Iterator[bytes]:
-        if self._skip_lf and chunk:
-            self._skip_lf = False
-            if chunk.startswith(b"\n"):
-                chunk = chunk[1:]
-        if not chunk:
-            return
-        self._skip_lf = chunk.endswith(b"\r")
-        buf = self._tail + chunk if self._tail else chunk
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        *lines, self._tail = buf.split(b"\n")
-        for line in lines:
-            if not line:
-                if self._data:
-                    data = b"\n".join(self._data)
-                    self._data = []
-                    yield data
-            elif line.startswith(b"data:"):
-                value = line[5:]
-                self._data.append(value[1:] if value.startswith(b" ") else value)
 
 
 async def drain(chunks: AsyncIterator[bytes]) -> None:

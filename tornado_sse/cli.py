@@ -71,8 +71,8 @@ FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--first-token-timeout", float, "seconds to wait for the first token"),
     ("--idle-timeout", float, "longest silence between tokens, in seconds"),
     ("--max-retries", int, "retries of a failed upstream request, only before its answer starts"),
-    ("--upstream-transport", str, "fast: a lean HTTP/1.1 keep-alive transport; httpx: httpx's own "
-     "(for proxies from the environment)"),
+    ("--upstream-transport", str, "fast: a lean HTTP/1.1 keep-alive transport, or the SDK's aiohttp "
+     "client where HTTP(S)_PROXY applies to the upstream; aiohttp: the SDK's aiohttp client always"),
     ("--keepalive", float, "seconds between ': ping' comments on a silent stream"),
     ("--send-timeout", float, "seconds a frame may wait for a slow reader before it is dropped"),
     ("--max-streams", int, "open streams at most; more get 503"),
@@ -171,7 +171,8 @@ def make_backend(settings: Settings) -> Backend:
     if settings.resolved_backend == "openai":
         return kind(settings)
     _, port = FakeUpstream(Script(first_token_delay=0.3, token_delay=0.03)).listen("127.0.0.1", 0)
-    demo = dataclasses.replace(settings, model="demo", api_key=None)
+    # The demo upstream is in this process, on loopback: no proxy could reach it.
+    demo = dataclasses.replace(settings, model="demo", api_key=None, proxies=())
     return kind(demo, name="demo", base_url=f"http://127.0.0.1:{port}/v1")
 
 
@@ -185,7 +186,10 @@ async def serve(settings: Settings) -> None:
         sockets = tornado.netutil.bind_sockets(settings.port, settings.host, backlog=LISTEN_BACKLOG)
     except OSError as exc:
         raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
-    backend = make_backend(settings)
+    try:
+        backend = make_backend(settings)
+    except SettingsError as exc:
+        raise StartupError(str(exc)) from None
     app = make_app(settings, backend)
     try:
         server = make_server(app, settings)

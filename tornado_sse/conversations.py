@@ -75,7 +75,12 @@ class ConversationStore:
         return conversation, bool(id) and conversation.id != id
 
     def record(self, conversation: Conversation, turn: Turn) -> None:
-        """Add a finished (or cut-off) turn, then drop the oldest turns past the bounds."""
+        """Add a finished (or cut-off) turn, then drop the oldest turns past the bounds. The turn
+        itself is kept within the characters bound too: an answer past it is cut (and marked so),
+        since an upstream may stream far more than anyone asked for, and it is all resent."""
+        room = max(self._max_chars - len(turn.question), 0)
+        if len(turn.answer) > room:
+            turn = Turn(turn.question, turn.answer[:room], cut_off=True)
         turns = conversation.turns
         turns.append(turn)
         while len(turns) > self._max_turns or (

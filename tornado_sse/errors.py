@@ -127,6 +127,8 @@ def describe(exc: BaseException) -> Failure:
         return Failure("upstream_timeout",
                        f"The model stopped writing for over {exc.seconds:g} seconds in the middle of the answer.")
     if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException, TimeoutError)):
+        if _failed_to_connect(exc):
+            return _UNREACHABLE
         if isinstance(exc, httpx2.ConnectTimeout) or isinstance(exc.__cause__, httpx2.ConnectTimeout):
             return Failure("upstream_timeout", "Connecting to the model provider took too long.")
         return _TIMEOUT
@@ -172,3 +174,39 @@ def provider_said(body: object) -> str | None:
     if len(message) > PROVIDER_SAID_CHARS:
         message = message[:PROVIDER_SAID_CHARS - 3].rstrip() + "..."
     return message or None
+
+
+def _failed_to_connect(exc: BaseException) -> bool:
+    """A "timeout" caused by a refused connection or a failed certificate check. The SDK's aiohttp
+    client maps every aiohttp ClientConnectionError to httpx's ConnectTimeout (the first match in
+    its AIOHTTP_EXC_MAP, openai/_vendor/httpx_aiohttp/transport.py); the cause tells the truth."""
+    current: BaseException | None = exc
+    for _ in range(16):  # a chain can loop back on itself
+        if current is None:
+            break
+        if isinstance(current, OSError) and not isinstance(current, TimeoutError):
+            return True
+        current = _cause(current)
+    return False
+
+
+def _cause(exc: BaseException) -> BaseException | None:
+    """What Python's traceback would print as the exception under `exc`."""
+    return exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+
+
+def cause_chain(exc: BaseException) -> str:
+    """`Type: message` of `exc` and of each exception under it, for the log: the SDK says only
+    "Connection error." and the cause tells a refused connection from a failed certificate check.
+    A cause whose message its wrapper already quotes is named by its type alone."""
+    parts: list[str] = []
+    said = ""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        parts.append(f"{type(current).__name__}: {text}" if text and text not in said else type(current).__name__)
+        said = text
+        current = _cause(current)
+    return ", caused by ".join(parts)

@@ -47,7 +47,7 @@ class Settings:
     first_token_timeout: float = 180.0
     idle_timeout: float = 60.0
     max_retries: int = 2
-    upstream_transport: Literal["fast", "httpx"] = "fast"
+    upstream_transport: Literal["fast", "aiohttp"] = "fast"
     # The browser side
     keepalive: float = 15.0
     send_timeout: float = 30.0
@@ -74,6 +74,12 @@ class Settings:
     # repr, a log line or a response.
     api_key: str | None = field(default=None, repr=False)
     base_url: str | None = None
+    # What every Python HTTP client reads: the proxies (urllib's keys: "http", "https", "all",
+    # "no"; a proxy URL may carry a password, hence no repr) and the CAs the upstream is checked
+    # against.
+    proxies: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    ssl_cert_file: str | None = None
+    ssl_cert_dir: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.backend in BACKENDS, "backend", self.backend, "one of " + "|".join(BACKENDS))
@@ -94,8 +100,8 @@ class Settings:
         _check(self.idle_timeout > 0, "idle_timeout", self.idle_timeout, "seconds > 0")
         _check(self.max_retries >= 0, "max_retries", self.max_retries, "a whole number >= 0")
         _check(bool(self.model.strip()), "model", self.model, "a model name")
-        _check(self.upstream_transport in ("fast", "httpx"), "upstream_transport",
-               self.upstream_transport, "fast|httpx")
+        _check(self.upstream_transport in ("fast", "aiohttp"), "upstream_transport",
+               self.upstream_transport, "fast|aiohttp")
         _check(self.keepalive > 0, "keepalive", self.keepalive, "seconds > 0")
         _check(self.send_timeout > 0, "send_timeout", self.send_timeout, "seconds > 0")
         _check(self.max_streams >= 1, "max_streams", self.max_streams, "a whole number >= 1")
@@ -137,13 +143,17 @@ class Settings:
         return self.certfile is not None
 
     def with_environment(self, environ: Mapping[str, str]) -> Settings:
-        """The openai SDK's own variables, OPENAI_API_KEY and OPENAI_BASE_URL; and the access
-        token, which is better kept out of the process list than given as a flag."""
+        """The openai SDK's own variables, OPENAI_API_KEY and OPENAI_BASE_URL; the access token,
+        which is better kept out of the process list than given as a flag; and what every Python
+        HTTP client reads: the *_proxy variables, SSL_CERT_FILE and SSL_CERT_DIR."""
         return dataclasses.replace(
             self,
             api_key=environ.get("OPENAI_API_KEY") or None,
             base_url=environ.get("OPENAI_BASE_URL") or None,
             access_token=self.access_token or environ.get("TORNADO_SSE_ACCESS_TOKEN") or None,
+            proxies=tuple(sorted(proxies_from(environ).items())),
+            ssl_cert_file=environ.get("SSL_CERT_FILE") or None,
+            ssl_cert_dir=environ.get("SSL_CERT_DIR") or None,
         )
 
 
@@ -158,6 +168,23 @@ def entropy_bits(secret: str) -> float:
     if any(not any(c in chars for chars in _CLASSES) for c in secret):
         alphabet += 33  # ASCII punctuation and space; other characters count no more
     return len(secret) * math.log2(alphabet) if alphabet > 1 else 0.0
+
+
+def proxies_from(environ: Mapping[str, str]) -> dict[str, str]:
+    """`urllib.request.getproxies_environment()` on a given environment: every `<scheme>_proxy`
+    variable in either case, the lowercase one winning; HTTP_PROXY ignored in a CGI request
+    (REQUEST_METHOD set: it could come from a client's `Proxy:` header, CVE-2016-1000110)."""
+    proxies = {name[:-6].lower(): value for name, value in environ.items()
+               if value and name[-6:].lower() == "_proxy"}
+    if "REQUEST_METHOD" in environ:
+        proxies.pop("http", None)
+    for name, value in environ.items():
+        if name[-6:] == "_proxy":
+            if value:
+                proxies[name[:-6].lower()] = value
+            else:
+                proxies.pop(name[:-6].lower(), None)
+    return proxies
 
 
 def _check(ok: bool, name: str, value: object, accepted: str) -> None:

@@ -22,7 +22,7 @@ from typing import Protocol
 from . import sse
 from .backend import Backend, Finish, Message
 from .conversations import Conversation, ConversationStore, Turn
-from .errors import Failure, describe, without_keys
+from .errors import Failure, cause_chain, describe, without_keys
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ class Stream:
             except Exception as exc:
                 failure = describe(exc)
                 self.error = exc
-                log.warning("stream %s failed (%s): %s: %s", self.log_id, failure.code,
-                            type(exc).__name__, without_keys(str(exc)),
+                log.warning("stream %s failed (%s): %s", self.log_id, failure.code,
+                            without_keys(cause_chain(exc)),
                             exc_info=failure.code == "internal_error")
         finally:
             self.phase = "end"  # Stop cancels no more: the last frames must go out

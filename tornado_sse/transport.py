@@ -3,42 +3,83 @@
 The SDK keeps doing what it does well (auth, base URL, retries, typed errors); this only moves the
 bytes. httpx's default stack (httpcore, h11, anyio) costs more than everything else on the
 per-token path, and its pool scans every open connection whenever a request starts or ends, which
-grows with the number of concurrent streams. Here a connection is an asyncio Protocol: a read is a
-buffer append and a wake-up, a chunked body is decoded in one pass over what arrived, and the pool
-is a per-host stack of idle connections.
+grows with the number of concurrent streams. Here a connection is an asyncio Protocol: a read is
+one call into llhttp (through `httptools`, the C parser uvicorn uses), which handles the status
+line, headers, chunked / Content-Length / until-close framing and keep-alive; the pool is a
+per-host stack of idle connections.
 
 It raises httpx's own exception types, so the SDK's retry and error mapping see what they expect.
-Not supported: proxies and HTTP/2 (use `--upstream-transport httpx` for those).
+Not supported: proxies and HTTP/2 (a proxied upstream goes through the aiohttp client instead:
+see `upstream.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import ssl
 from collections.abc import AsyncIterator
 
+import httptools
 import httpx2
 
+log = logging.getLogger(__name__)
+
 HIGH_WATER = 256 * 1024  # stop reading the upstream socket above this: backpressure, bounded memory
+MAX_HEAD = 65536  # bytes of status line and headers we accept
 MAX_IDLE_PER_HOST = 256
 
 
+class _ClosedBeforeAnswer(httpx2.RemoteProtocolError):
+    """The connection closed before a single byte of the response: the request may be resent."""
+
+
 class _Connection(asyncio.Protocol):
+    """One upstream connection; llhttp's callbacks (`on_*`) fill in the response being read."""
+
     def __init__(self) -> None:
-        self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.paused = False
-        self.http10 = False
+        self.busy = False  # a request is in flight: bytes belong to its response
+        self.stray = False  # bytes arrived while idle: the connection cannot be trusted again
         self._waiter: asyncio.Future[None] | None = None
+        self._begin()
+
+    def _begin(self) -> None:
+        self.received = 0  # response bytes seen, informational answers included
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_done = False
+        self.until_close = False  # no Content-Length and not chunked: the body ends at EOF
+        self.complete = False
+        self.keep_alive = False
+        self.error: httpx2.RemoteProtocolError | None = None
+        self.body = bytearray()
+
+    def start(self) -> None:
+        """A request is about to be written on this connection."""
+        self._begin()
+        self.busy = True
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if len(self.buffer) > HIGH_WATER and not self.paused and self.transport is not None:
+        if not self.busy or self.complete or self.error is not None:
+            self.stray = True  # nothing may follow a response we did not ask for
+            return
+        self.received += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.error = httpx2.RemoteProtocolError(f"malformed response from the upstream: {exc}")
+        if not self.head_done and self.received > MAX_HEAD and self.error is None:
+            self.error = httpx2.RemoteProtocolError("response headers too large")
+        if len(self.body) > HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
         self._wake()
@@ -56,10 +97,42 @@ class _Connection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    # -- llhttp's callbacks ------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.stray = True  # a second response to one request
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head_done:  # after the head, llhttp reports a chunked body's trailers here
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # 100 Continue, 103 Early Hints: interim answers, the real one follows (RFC 9110,
+            # 15.2); llhttp parses each as a message of its own and then expects the next.
+            self.headers = []
+            return
+        self.status, self.head_done = status, True
+        names = {name.lower() for name, _ in self.headers}
+        self.until_close = b"content-length" not in names and b"transfer-encoding" not in names
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        if self.head_done:
+            self.complete = True
+            self.keep_alive = self.parser.should_keep_alive()
+
     # -- reading ---------------------------------------------------------------------------------
     async def _more(self) -> None:
         """Wait for more bytes; a closed connection with nothing new is an error."""
+        if self.error is not None:
+            raise self.error
         if self.closed:
+            if not self.received:
+                raise _ClosedBeforeAnswer("the upstream closed the connection before answering")
             raise httpx2.RemoteProtocolError("the upstream closed the connection mid-response")
         if self.paused and self.transport is not None:
             self.paused = False
@@ -71,94 +144,22 @@ class _Connection(asyncio.Protocol):
             self._waiter = None
 
     async def read_head(self) -> tuple[int, list[tuple[bytes, bytes]]]:
-        """The status and headers; `self.http10` tells an HTTP/1.0 answer (no keep-alive)."""
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end >= 0:
-                break
-            if len(self.buffer) > 65536:
-                raise httpx2.RemoteProtocolError("response headers too large")
+        """The final status and headers (interim 1xx answers skipped)."""
+        while not self.head_done:
             await self._more()
-        lines = bytes(self.buffer[:end]).split(b"\r\n")
-        del self.buffer[: end + 4]
-        version, _, rest = lines[0].partition(b" ")
-        if not version.startswith(b"HTTP/1.") or not rest[:3].isdigit():
-            raise httpx2.RemoteProtocolError(f"malformed status line {lines[0][:80]!r}")
-        self.http10 = version == b"HTTP/1.0"
-        headers = []
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon:
-                raise httpx2.RemoteProtocolError("malformed header line")
-            headers.append((name.strip(), value.strip()))
-        return int(rest[:3]), headers
+        return self.status, self.headers
 
-    async def read_exactly(self, remaining: int) -> AsyncIterator[bytes]:
-        while remaining:
-            if not self.buffer:
-                await self._more()
-            piece = bytes(self.buffer[:remaining])
-            del self.buffer[: len(piece)]
-            remaining -= len(piece)
-            yield piece
-
-    async def read_chunked(self) -> AsyncIterator[bytes]:
-        """Decode `Transfer-Encoding: chunked`, yielding the data each read completed, in one piece."""
-        state, left = "size", 0  # states: size line, chunk data, its CRLF, trailers
-        buf = self.buffer
+    async def read_body(self) -> AsyncIterator[bytes]:
+        """The body, decoded from its framing; each piece is what the last reads completed."""
         while True:
-            out = bytearray()
-            pos = 0
-            while True:
-                if state == "data":
-                    take = min(left, len(buf) - pos)
-                    out += buf[pos : pos + take]
-                    pos += take
-                    left -= take
-                    if left:
-                        break
-                    state = "crlf"
-                if state == "crlf":
-                    if len(buf) - pos < 2:
-                        break
-                    if buf[pos : pos + 2] != b"\r\n":
-                        raise httpx2.RemoteProtocolError("malformed chunked body")
-                    pos += 2
-                    state = "size"
-                if state == "trailers":  # header lines after the last chunk, up to a blank one
-                    end = buf.find(b"\r\n", pos)
-                    if end < 0:
-                        break
-                    blank, pos = end == pos, end + 2
-                    if blank:
-                        del buf[:pos]
-                        if out:
-                            yield bytes(out)
-                        return
-                    continue
-                end = buf.find(b"\r\n", pos)
-                if end < 0:
-                    break
-                try:
-                    left = int(bytes(buf[pos:end]).split(b";", 1)[0], 16)
-                except ValueError:
-                    raise httpx2.RemoteProtocolError("malformed chunk size") from None
-                if left < 0:
-                    raise httpx2.RemoteProtocolError("malformed chunk size")
-                pos = end + 2
-                state = "data" if left else "trailers"
-            del buf[:pos]
-            if out:
-                yield bytes(out)
-            await self._more()
-
-    async def read_until_close(self) -> AsyncIterator[bytes]:
-        while True:
-            if self.buffer:
-                piece = bytes(self.buffer)
-                self.buffer.clear()
+            if self.body:
+                piece = bytes(self.body)
+                self.body.clear()
                 yield piece
-            if self.closed:
+            if self.complete:
+                return
+            if self.closed and self.until_close and self.error is None:
+                self.complete = True  # the only end such a body has
                 return
             await self._more()
 
@@ -173,21 +174,20 @@ class _Body(httpx2.AsyncByteStream):
     reading it to the end puts the connection back in the pool."""
 
     def __init__(self, pool: FastTransport, key: tuple[str, str, int], conn: _Connection,
-                 chunks: AsyncIterator[bytes], reusable: bool):
-        self._pool, self._key, self._conn = pool, key, conn
-        self._chunks, self._reusable = chunks, reusable
-        self._complete = False
+                 reusable: bool):
+        self._pool, self._key, self._conn, self._reusable = pool, key, conn, reusable
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._chunks:
+        async for chunk in self._conn.read_body():
             yield chunk
-        self._complete = True
 
     async def aclose(self) -> None:
-        if self._complete and self._reusable and not self._conn.closed and not self._conn.buffer:
-            self._pool.release(self._key, self._conn)
+        conn = self._conn
+        if self._reusable and conn.complete and conn.keep_alive and not conn.closed and not conn.stray:
+            conn.busy = False
+            self._pool.release(self._key, conn)
         else:
-            self._conn.close()
+            conn.close()
 
 
 class FastTransport(httpx2.AsyncBaseTransport):
@@ -199,26 +199,36 @@ class FastTransport(httpx2.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         url = request.url
         key = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
-        body = await request.aread()
-        head = self._head(request)
+        message = self._head(request) + await request.aread()
+        conn = self._idle_connection(key)
+        reused = conn is not None
         while True:
-            conn, reused = self._idle_connection(key), True
             if conn is None:
-                conn, reused = await self._connect(key), False
+                conn = await self._connect(key)
             assert conn.transport is not None
-            conn.transport.write(head + body)
+            conn.start()
+            conn.transport.write(message)
             try:
                 status, headers = await conn.read_head()
                 break
-            except httpx2.RemoteProtocolError:
+            except _ClosedBeforeAnswer:
                 conn.close()
-                if not reused:  # a kept-alive connection the server had closed: try a fresh one
+                if not reused:
                     raise
+                # A kept-alive connection the upstream had closed, seen only once the request was
+                # on it. Resend once, on a new connection: never on another idle one, which may
+                # be just as stale (httpcore does not resend at all once a request is written).
+                log.info("the upstream closed an idle keep-alive connection on %s:%d before "
+                         "answering; sending the request again on a new connection", key[1], key[2])
+                conn, reused = None, False
             except BaseException:
                 conn.close()  # cancelled while waiting: the upstream must see the close at once
                 raise
-        chunks, reusable = self._framing(request, conn, status, headers)
-        return httpx2.Response(status, headers=headers, stream=_Body(self, key, conn, chunks, reusable),
+        # A HEAD answer has no body, but llhttp cannot be told so: such a connection is not reused.
+        reusable = request.method != "HEAD"
+        if not reusable:
+            conn.complete = True
+        return httpx2.Response(status, headers=headers, stream=_Body(self, key, conn, reusable),
                                extensions={"http_version": b"HTTP/1.1"})
 
     @staticmethod
@@ -233,24 +243,11 @@ class FastTransport(httpx2.AsyncBaseTransport):
             lines.insert(1, b"Host: " + request.url.netloc)
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
-    @staticmethod
-    def _framing(request: httpx2.Request, conn: _Connection, status: int,
-                 headers: list[tuple[bytes, bytes]]) -> tuple[AsyncIterator[bytes], bool]:
-        fields = {name.lower(): value.lower() for name, value in headers}
-        keep_alive = fields.get(b"connection") != b"close" and not conn.http10
-        if request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            return conn.read_exactly(0), keep_alive
-        if b"chunked" in fields.get(b"transfer-encoding", b""):
-            return conn.read_chunked(), keep_alive
-        if b"content-length" in fields:
-            return conn.read_exactly(int(fields[b"content-length"])), keep_alive
-        return conn.read_until_close(), False
-
     def _idle_connection(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
-            if not conn.closed and not conn.buffer:
+            if not conn.closed and not conn.stray:
                 return conn
             conn.close()
         return None
@@ -277,7 +274,7 @@ class FastTransport(httpx2.AsyncBaseTransport):
         except TimeoutError:
             raise httpx2.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
         except OSError as exc:
-            raise httpx2.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+            raise httpx2.ConnectError(f"cannot connect to {host}:{port}: {_reason(exc)}") from exc
         return conn
 
     async def aclose(self) -> None:
@@ -285,3 +282,11 @@ class FastTransport(httpx2.AsyncBaseTransport):
             for conn in idle:
                 conn.close()
         self._idle.clear()
+
+
+def _reason(exc: OSError) -> str:
+    """`Connection refused` rather than asyncio's `Connect call failed (address)`; an SSL error's
+    own text (its errno is OpenSSL's, not the system's); a resolver error as it is."""
+    if isinstance(exc, ssl.SSLError) or not exc.errno or exc.errno < 0:
+        return str(exc)
+    return os.strerror(exc.errno)
