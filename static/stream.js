@@ -1,7 +1,8 @@
 // One answer's Server-Sent Events stream. The EventSource is closed on the end frame, on every
 // `error` event and on every connection error, so the browser never reconnects on its own and asks
 // the question again. A dropped connection is resumed only by id (`/ask?resume=<stream>.<seq>`,
-// which replays, never regenerates), and only while the server keeps the stream (resume_grace).
+// which replays, never regenerates), and only while the server keeps the stream (resume_grace);
+// a resume the server answers with 204 (nothing left to send) shows the answer as cut off.
 "use strict";
 
 const END_MARKER = "<END_STREAMING_SSE>";
@@ -71,9 +72,9 @@ class AnswerStream {
       source.close();
       if (!this.heardFromServer) {
         this.finish({ kind: refused ? "refused" : "unreachable" });
-      } else if (this.canResume()) {
+      } else if (!refused && this.canResume()) {
         this.resumeSoon();
-      } else {
+      } else {  // refused after we heard from it: a 204 to a resume, the answer is gone
         this.finish({ kind: "lost" });
       }
     });

@@ -1,0 +1,107 @@
+"""The HTTP edge: HTTP/1.0 framing and close, 204 for a reconnect with nothing left to send, the
+request-head limit and deadline, the keep-alive timeout and the per-address connection cap."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from tornado_sse import sse
+from tornado_sse.demo import FakeUpstream, Script
+from tornado_sse.settings import Settings
+
+from .conftest import with_settings
+from .sseclient import ask, read_until
+
+pytestmark = pytest.mark.gen_test(timeout=30)
+
+
+@pytest.fixture
+def settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    return with_settings(settings, **getattr(request, "param", {}))
+
+
+def tuned(**changes: object):
+    return pytest.mark.parametrize("settings", [changes], indirect=True)
+
+
+async def exchange(port: int, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send `request` as is; everything the server sends until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+
+
+def expected_frames(stream: str, meta: str, deltas: list[str]) -> bytes:
+    frames = [sse.encode_event("meta", meta, f"{stream}.1")]
+    frames += [sse.encode_event("update", d, f"{stream}.{i}") for i, d in enumerate(deltas, 2)]
+    return b"".join(frames) + sse.encode_end(f"{stream}.{len(deltas) + 2}")
+
+
+# -- HTTP/1.0 --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("connection", ["", "Connection: keep-alive\r\n"])
+async def test_http_1_0_gets_bare_frames_and_the_close_ends_the_body(port, fake: FakeUpstream, connection):
+    # curl --http1.0, and nginx's proxy_pass without proxy_http_version 1.1: no chunk-size lines
+    # in the body, which ends when the server closes the connection, keep-alive asked or not.
+    fake.script = Script(deltas=["Hello", ", ", "world\nagain"], token_delay=0.05)
+    raw = await exchange(port, f"GET /ask?question=hi HTTP/1.0\r\n{connection}\r\n".encode())
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"Transfer-Encoding" not in head and b"Content-Length" not in head
+    assert b"\r\nConnection: close" in head and b"Keep-Alive" not in head
+    meta_line = body.split(b"\n")[2].decode()
+    stream = json.loads(meta_line[len("data: "):])["stream"]
+    assert body == expected_frames(stream, meta_line[len("data: "):], ["Hello", ", ", "world\nagain"])
+
+
+@tuned(keepalive=0.2)
+async def test_http_1_0_pings_are_bare_too(port, fake: FakeUpstream):
+    fake.script = Script(deltas=["late"], first_token_delay=0.5)
+    raw = await exchange(port, b"GET /ask?question=hi HTTP/1.0\r\n\r\n")
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    assert b": ping\n\nid: " in body and b"\r\n" not in body
+    assert body.endswith(b"data: <END_STREAMING_SSE>\n\n")
+
+
+async def test_http_1_1_is_still_chunked(port, fake: FakeUpstream):
+    fake.script = Script(deltas=["Hello"])
+    raw = await exchange(port, b"GET /ask?question=hi HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding: chunked" in head and body.endswith(b"\r\n0\r\n\r\n")
+
+
+# -- a reconnect with nothing left to send: 204, the SSE spec's "stop reconnecting" --------------
+
+@pytest.mark.parametrize("last_id", ["nope", "abc.1", " ", "x.99999"])
+@pytest.mark.parametrize("how", ["header", "query"])
+async def test_a_reconnect_to_an_unknown_stream_gets_204_and_no_body(base_url, fake, http_client, last_id, how):
+    if how == "header":
+        response = await http_client.fetch(base_url + "/ask?question=q", headers={"Last-Event-ID": last_id},
+                                           raise_error=False)
+    else:
+        response = await http_client.fetch(base_url + "/ask?resume=" + last_id.strip(), raise_error=False)
+    assert response.code == 204 and response.body == b""
+    assert fake.requests == []
+
+
+@tuned(resume_grace=3.0)
+async def test_a_reconnect_after_the_end_frame_gets_204_again_and_again(base_url, fake, http_client):
+    # Node's eventsource and several Python clients reconnect after the end frame with the id of
+    # the last frame they saw; each time they get 204, and no second generation.
+    fake.script = Script(deltas=["one"])
+    answer = await ask(base_url, "question=q")
+    last_id = f"{answer.meta['stream']}.3"
+    assert answer.body.endswith(sse.encode_end(last_id))
+    for _ in range(3):
+        response = await http_client.fetch(base_url + "/ask?question=q", headers={"Last-Event-ID": last_id},
+                                           raise_error=False)
+        assert response.code == 204 and response.body == b""
+    assert len(fake.requests) == 1
