@@ -33,6 +33,7 @@ class AnswerStream {
   open(url) {
     const source = new EventSource(url);
     this.source = source;
+    this.heardOnSource = false;  // (a page being left also closes a source that was streaming)
     source.addEventListener("meta", (e) => {
       this.heard(e);
       let meta = {};
@@ -72,9 +73,11 @@ class AnswerStream {
       source.close();
       if (!this.heardFromServer) {
         this.finish({ kind: refused ? "refused" : "unreachable" });
-      } else if (!refused && this.canResume()) {
+      } else if (refused && !this.heardOnSource) {  // a resume answered 204: nothing left to send
+        this.finish({ kind: "lost" });
+      } else if (this.canResume()) {
         this.resumeSoon();
-      } else {  // refused after we heard from it: a 204 to a resume, the answer is gone
+      } else {
         this.finish({ kind: "lost" });
       }
     });
@@ -82,6 +85,7 @@ class AnswerStream {
 
   heard(e) {
     this.heardFromServer = true;
+    this.heardOnSource = true;
     this.droppedAt = null;
     if (e.lastEventId) this.lastEventId = e.lastEventId;
   }
