@@ -105,3 +105,80 @@ async def test_a_reconnect_after_the_end_frame_gets_204_again_and_again(base_url
                                            raise_error=False)
         assert response.code == 204 and response.body == b""
     assert len(fake.requests) == 1
+
+
+# -- what a connection may cost before it sends a request -----------------------------------------
+
+async def closed_after(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: float,
+                       trickle: bytes = b"") -> float:
+    """Seconds until the server closes the connection, sending `trickle` a byte a second meanwhile."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        if trickle:
+            writer.write(trickle[:1])
+            trickle = trickle[1:] or trickle
+        try:
+            data = await asyncio.wait_for(reader.read(65536), 1.0)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            return time.monotonic() - started
+    raise AssertionError(f"still open after {limit} s")
+
+
+@tuned(header_timeout=1.5, keep_alive_timeout=30.0)
+async def test_a_request_head_trickled_a_byte_a_second_is_cut_at_the_header_deadline(port):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+    took = await closed_after(reader, writer, 10, trickle=b"abcdefgh")
+    writer.close()
+    assert 1.2 < took < 4
+
+
+@tuned(header_timeout=1.5, keep_alive_timeout=30.0)
+async def test_a_silent_connection_is_closed_at_the_header_deadline(port):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    took = await closed_after(reader, writer, 10)
+    writer.close()
+    assert 1.2 < took < 4
+
+
+@tuned(header_timeout=30.0, keep_alive_timeout=1.5)
+async def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout(port):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for _ in range(2):  # the timeout counts from the end of each response
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        await asyncio.sleep(0.8)
+    took = await closed_after(reader, writer, 10)
+    writer.close()
+    assert 0.2 < took < 3
+
+
+@tuned(max_connections_per_address=3)
+async def test_connections_over_the_per_address_cap_get_429_and_are_closed(port, base_url, http_client):
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    response = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, body = response.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 429 Too Many Requests\r\n") and b"Connection: close" in head
+    assert json.loads(body)["error"]["code"] == "too_many_connections"
+    for _, w in held[:1]:
+        w.close()
+    await asyncio.sleep(0.2)
+    assert (await http_client.fetch(base_url + "/healthz")).code == 200  # a slot came back
+    for _, w in held[1:]:
+        w.close()
+
+
+@tuned(max_connections_per_address=2, trust_proxy_headers=True)
+async def test_behind_a_proxy_the_per_address_cap_is_off(port, base_url, http_client):
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+    assert (await http_client.fetch(base_url + "/healthz")).code == 200
+    for _, w in held:
+        w.close()

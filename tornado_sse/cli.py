@@ -74,6 +74,11 @@ FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--rate-burst", int, "questions a client may ask at once before the rate limit applies"),
     ("--trust-proxy-headers", _bool, "take the client address and scheme from X-Forwarded-For / "
      "X-Real-Ip / X-Forwarded-Proto (only behind a proxy you run)"),
+    ("--header-timeout", float, "seconds a new connection has to send its whole first request head"),
+    ("--keep-alive-timeout", float, "seconds a kept-alive connection may wait for its next request "
+     "(the whole head)"),
+    ("--max-connections-per-address", int, "open connections per client address (0: no cap; no "
+     "cap with --trust-proxy-headers, where the proxy is the one address)"),
     ("--allowed-origins", _origins, "comma-separated origins, besides this server's own, whose "
      "pages may call /ask"),
     ("--access-token", str, "a secret /ask requires (better: TORNADO_SSE_ACCESS_TOKEN)"),
