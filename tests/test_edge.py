@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import resource
+import socket
+import subprocess
+import sys
+import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -14,7 +22,8 @@ from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.settings import Settings
 
 from .conftest import with_settings
-from .sseclient import ask, read_until
+from .sseclient import ask
+from .test_cli import CLEAN_ENV
 
 pytestmark = pytest.mark.gen_test(timeout=30)
 
@@ -182,3 +191,54 @@ async def test_behind_a_proxy_the_per_address_cap_is_off(port, base_url, http_cl
     assert (await http_client.fetch(base_url + "/healthz")).code == 200
     for _, w in held:
         w.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_out_of_file_descriptors_the_server_pauses_accepting_logs_once_and_recovers() -> None:
+    limit = 64
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tornado_sse", "--port", "0", "--backend", "demo",
+         "--max-connections-per-address", "0"],
+        env=CLEAN_ENV, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+    assert proc.stderr is not None
+    log: list[str] = []
+    try:
+        port = 0
+        while not port:
+            line = proc.stderr.readline()
+            assert line, "server exited: " + "".join(log)
+            log.append(line)
+            if match := re.search(r"listening on http://[\d.]+:(\d+)/", line):
+                port = int(match.group(1))
+        stderr = proc.stderr
+        reader = threading.Thread(target=lambda: log.extend(stderr), daemon=True)
+        reader.start()
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(limit + 40)]
+        time.sleep(0.5)
+        before, lines = cpu_seconds(proc.pid), len(log)
+        time.sleep(3)
+        spent, logged = cpu_seconds(proc.pid) - before, log[lines:]
+        for client in clients:
+            client.close()
+        assert spent < 0.5, f"{spent:.2f} s of CPU in 3 s"  # it used to spin: about 3 s
+        assert len(logged) <= 2, "".join(logged[:5])
+        assert sum("cannot accept connections: Too many open files" in line for line in log) == 1
+        deadline = time.monotonic() + 20
+        while True:  # the held sockets are gone: it serves again
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+                    assert answer.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "it never served again"
+                time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
