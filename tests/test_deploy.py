@@ -294,4 +294,3 @@ def test_several_instances_keep_each_conversation_stop_and_resume_on_their_insta
             assert stop(port, stream, reader.instance if cookie else None) == 204
             assert stop(port, stream) == 404  # it is gone everywhere now
             reader.close()
-
