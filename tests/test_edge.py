@@ -4,6 +4,7 @@ request-head limit and deadline, the keep-alive timeout and the per-address conn
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import re
@@ -14,10 +15,16 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
+import tornado.netutil
+from tornado.httpclient import AsyncHTTPClient
 
 from tornado_sse import sse
+from tornado_sse.app import make_app, make_server
+from tornado_sse.backend import OpenAIBackend
 from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.settings import Settings
 
@@ -168,25 +175,62 @@ async def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_time
     assert 0.2 < took < 3
 
 
-@tuned(max_connections_per_address=3)
-async def test_connections_over_the_per_address_cap_get_429_and_are_closed(port, base_url, http_client):
-    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    response = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    head, body = response.split(b"\r\n\r\n", 1)
-    assert head.startswith(b"HTTP/1.1 429 Too Many Requests\r\n") and b"Connection: close" in head
-    assert json.loads(body)["error"]["code"] == "too_many_connections"
-    for _, w in held[:1]:
-        w.close()
-    await asyncio.sleep(0.2)
-    assert (await http_client.fetch(base_url + "/healthz")).code == 200  # a slot came back
-    for _, w in held[1:]:
-        w.close()
+def outward_address() -> str:
+    """This machine's own non-loopback IPv4 address (the per-address cap spares loopback)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # picks the route; sends nothing
+            address = str(probe.getsockname()[0])
+        except OSError:
+            address = "127.0.0.1"
+    if ipaddress.ip_address(address).is_loopback:
+        pytest.skip("no non-loopback address to connect from")
+    return address
 
 
-@tuned(max_connections_per_address=2, trust_proxy_headers=True)
-async def test_behind_a_proxy_the_per_address_cap_is_off(port, base_url, http_client):
+@asynccontextmanager
+async def outward_server(settings: Settings) -> AsyncIterator[tuple[str, int]]:
+    """The server on this machine's non-loopback address: (address, port)."""
+    address = outward_address()
+    server = make_server(make_app(settings, OpenAIBackend(settings)), settings)
+    [listener] = tornado.netutil.bind_sockets(0, address)
+    port = listener.getsockname()[1]
+    server.add_sockets([listener])
+    try:
+        yield address, port
+    finally:
+        server.stop()
+
+
+async def test_connections_over_the_per_address_cap_get_429_and_are_closed(settings, fake):
+    async with outward_server(with_settings(settings, max_connections_per_address=3)) as (address, port):
+        held = [await asyncio.open_connection(address, port) for _ in range(3)]
+        reader, writer = await asyncio.open_connection(address, port)
+        response = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        head, body = response.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 429 Too Many Requests\r\n") and b"Connection: close" in head
+        assert json.loads(body)["error"]["code"] == "too_many_connections"
+        held[0][1].close()
+        await asyncio.sleep(0.3)
+        answer = await AsyncHTTPClient().fetch(f"http://{address}:{port}/healthz")
+        assert answer.code == 200  # a slot came back
+        for _, w in held[1:]:
+            w.close()
+
+
+async def test_behind_a_proxy_the_per_address_cap_is_off(settings, fake):
+    proxied = with_settings(settings, max_connections_per_address=2, trust_proxy_headers=True)
+    async with outward_server(proxied) as (address, port):
+        held = [await asyncio.open_connection(address, port) for _ in range(4)]
+        answer = await AsyncHTTPClient().fetch(f"http://{address}:{port}/healthz")
+        assert answer.code == 200
+        for _, w in held:
+            w.close()
+
+
+@tuned(max_connections_per_address=2)
+async def test_the_per_address_cap_spares_loopback_peers(port, base_url, http_client):
     held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
     assert (await http_client.fetch(base_url + "/healthz")).code == 200
     for _, w in held:

@@ -81,8 +81,8 @@ FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--header-timeout", float, "seconds a new connection has to send its whole first request head"),
     ("--keep-alive-timeout", float, "seconds a kept-alive connection may wait for its next request "
      "(the whole head)"),
-    ("--max-connections-per-address", int, "open connections per client address (0: no cap; no "
-     "cap with --trust-proxy-headers, where the proxy is the one address)"),
+    ("--max-connections-per-address", int, "open connections per client address, loopback spared "
+     "(0: no cap; no cap with --trust-proxy-headers, where the proxy is the one address)"),
     ("--allowed-origins", _origins, "comma-separated origins, besides this server's own, whose "
      "pages may call /ask"),
     ("--access-token", str, "a secret /ask requires (better: TORNADO_SSE_ACCESS_TOKEN)"),

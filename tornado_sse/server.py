@@ -5,7 +5,7 @@ Tornado's HTTPServer with, on top:
   drops the connection without a word);
 - a deadline for the first request head, and a separate, shorter idle time between requests on a
   kept-alive connection (Tornado has one `idle_connection_timeout` for both);
-- a cap on the open connections of one client address;
+- a cap on the open connections of one client address (other than this machine's own);
 - an accept loop that pauses when the process is out of file descriptors instead of spinning.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import ipaddress
 import json
 import logging
 import socket
@@ -50,6 +51,13 @@ def canned(status: int, reason: str, code: str, message: str, extra: str = "") -
             f"X-Content-Type-Options: nosniff\r\n{extra}Connection: close\r\n\r\n").encode() + body
 
 
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 class _Connection:
     __slots__ = ("address", "requests")
 
@@ -84,7 +92,9 @@ class EdgeServer(tornado.httpserver.HTTPServer):
 
     def handle_stream(self, stream: IOStream, address: Any) -> None:
         peer = str(address[0]) if isinstance(address, tuple) and address else ""
-        cap = self.max_connections_per_address
+        # Loopback peers are this machine's own: a proxy in front (started without
+        # --trust-proxy-headers, it would otherwise cap everyone it serves), a benchmark, a probe.
+        cap = 0 if _is_loopback(peer) else self.max_connections_per_address
         if cap and self.open_per_address[peer] >= cap:
             self._refuse(stream, canned(
                 429, "Too Many Requests", "too_many_connections",
