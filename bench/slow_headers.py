@@ -124,7 +124,8 @@ def main() -> None:
         env["PYTHONPATH"] = args.source
     proc = subprocess.Popen([sys.executable, "-m", "tornado_sse", "--backend", "demo", "--port", "0",
                              "--host", "127.0.0.1", *args.server_arg],
-                            env=env, stderr=subprocess.PIPE, text=True)
+                            env=env, stderr=subprocess.PIPE, text=True,
+                            cwd=args.source)  # -m imports from the working directory first
     assert proc.stderr is not None
     try:
         while not (match := re.search(r"listening on http://[\d.]+:(\d+)/", proc.stderr.readline())):

@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 # Room in a request head besides the question: the request line's other parts and arguments
 # (conversation id), ordinary headers, cookies. nginx's default is 1 KiB, then 8 KiB buffers.
 HEAD_ROOM = 16 * 1024
-# asyncio's own server waits 1 s (base_events ACCEPT_RETRY_DELAY) and nginx 500 ms
-# (accept_mutex_delay) before accepting again after EMFILE; between the two.
+# After EMFILE, asyncio's own server stops reading the listening socket for 1 s
+# (selector_events._accept_connection, constants.ACCEPT_RETRY_DELAY) and nginx disables accept
+# events for accept_mutex_delay (500 ms, ngx_event_accept.c); the same errors as asyncio.
 ACCEPT_PAUSE = 0.5
 _OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
