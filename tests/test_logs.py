@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import time
 
 import pytest
 
 from tornado_sse.logs import JSONFormatter
+
+from .test_cli import running
 
 TRICKY = [
     ("\u009b31m", "\\u009b31m"),  # a one-byte CSI: an escape sequence in a terminal
@@ -33,3 +37,19 @@ def test_json_logs_escape_controls_and_bidi_characters_byte_exact(raw: str, writ
         '{"time": "1970-01-01T00:00:00.000Z", "level": "info", "logger": "tornado_sse.stream", '
         f'"message": "stream done", "question": "{written}"}}').encode()
     assert json.loads(line)["question"] == raw
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_access_log_escapes_a_c1_control_in_the_path(log_format: str) -> None:
+    # Tornado refuses C0 controls in the request line, but reads its bytes as Latin-1: a raw 0x9B
+    # arrives as U+009B, a one-byte CSI to a terminal showing the log.
+    with running("--log-format", log_format) as (_, port, lines):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /\x9b31mred HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 404 ")
+        deadline = time.monotonic() + 10
+        while not any("31mred" in line for line in lines):
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+    [line] = [line for line in lines if "31mred" in line]
+    assert "\u009b" not in line and "/\\u009b31mred" in line

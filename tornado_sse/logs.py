@@ -66,8 +66,9 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     request = handler.request
     duration = 1000.0 * request.request_time()
-    access_log.log(level, "%d %s %s %s %.1fms", status, request.method, request.path,
-                   request.remote_ip, duration,
+    # The path arrives as bytes read as Latin-1: a raw 0x9B is U+009B, a terminal's CSI.
+    access_log.log(level, "%d %s %s %s %.1fms", status, request.method,
+                   _UNSAFE.sub(_escape, request.path), request.remote_ip, duration,
                    extra={"status": status, "method": request.method, "path": request.path,
                           "client": request.remote_ip, "duration_ms": round(duration, 1)})
 
