@@ -181,7 +181,7 @@ function finishTurn(turn, outcome, stream) {
   } else if (outcome.kind === "stopped") {
     turn.status = "stopped";
     turn.note = NOTES.stopped;
-  } else if (outcome.kind === "lost" || (outcome.kind === "error" && outcome.code === "stream_gone")) {
+  } else if (outcome.kind === "lost") {
     turn.status = "lost";
     turn.note = NOTES.lost;
   } else {

@@ -1,7 +1,8 @@
 // One answer's Server-Sent Events stream. The EventSource is closed on the end frame, on every
 // `error` event and on every connection error, so the browser never reconnects on its own and asks
 // the question again. A dropped connection is resumed only by id (`/ask?resume=<stream>.<seq>`,
-// which replays, never regenerates), and only while the server keeps the stream (resume_grace).
+// which replays, never regenerates), and only while the server keeps the stream (resume_grace);
+// a resume the server answers with 204 (nothing left to send) shows the answer as cut off.
 "use strict";
 
 const END_MARKER = "<END_STREAMING_SSE>";
@@ -34,6 +35,7 @@ class AnswerStream {
   open(url) {
     const source = new EventSource(url);
     this.source = source;
+    this.heardOnSource = false;  // (a page being left also closes a source that was streaming)
     source.addEventListener("meta", (e) => {
       this.heard(e);
       let meta = {};
@@ -78,6 +80,8 @@ class AnswerStream {
       source.close();
       if (!this.heardFromServer) {
         this.finish({ kind: refused ? "refused" : "unreachable" });
+      } else if (refused && !this.heardOnSource) {  // a resume answered 204: nothing left to send
+        this.finish({ kind: "lost" });
       } else if (this.canResume()) {
         this.resumeSoon();
       } else {
@@ -88,6 +92,7 @@ class AnswerStream {
 
   heard(e) {
     this.heardFromServer = true;
+    this.heardOnSource = true;
     this.droppedAt = null;
     if (e.lastEventId) this.lastEventId = e.lastEventId;
   }

@@ -7,14 +7,16 @@ import json
 import logging
 import socket
 import time
+from urllib.parse import quote
 
 import pytest
+from tornado.httpclient import AsyncHTTPClient
 
 from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.settings import Settings
 
 from .conftest import API_KEY, with_settings
-from .sseclient import Answer, ask, open_raw, read_until, serving
+from .sseclient import Answer, ask, open_raw, parse_events, read_until, serving
 
 END = ("update", "<END_STREAMING_SSE>")
 pytestmark = pytest.mark.gen_test
@@ -192,12 +194,27 @@ async def test_a_question_at_the_limit_is_accepted(base_url, fake):
     assert answer.status == 200 and answer.text == "ok"
 
 
-async def test_a_100_kb_url_gets_a_clean_413_not_a_dropped_connection(base_url, fake, port):
-    reader, writer = await open_raw(port, "/ask?question=" + "x" * 100_000)
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+@pytest.mark.parametrize("size", [100_000, 1_000_000])
+async def test_a_huge_url_gets_a_clean_431_not_a_dropped_connection(base_url, fake, port, size):
+    reader, writer = await open_raw(port, "/ask?question=" + "x" * size)
+    response = await asyncio.wait_for(reader.read(), 5)
     writer.close()
-    assert head.startswith(b"HTTP/1.1 413 ")
+    head, body = response.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 431 ") and b"application/json" in head
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_too_large" and "shorter question" in error["message"]
     assert fake.requests == []
+
+
+async def test_the_longest_question_of_4_byte_characters_is_accepted(base_url, fake):
+    # The request head that needs the most bytes: 4,000 characters, each 4 UTF-8 bytes, each
+    # byte percent-encoded (%F0%9F%98%80), with the headers and cookies of a real browser.
+    fake.script = Script(deltas=["ok"])
+    response = await AsyncHTTPClient().fetch(
+        base_url + "/ask?question=" + quote("\U0001F600" * 4000) + "&conversation=" + "c" * 22,
+        headers={"Cookie": "x=" + "y" * 4000, "User-Agent": "z" * 400}, raise_error=False)
+    assert response.code == 200 and parse_events(response.body)[1] == ("update", "ok")
+    assert fake.requests[0]["messages"][-1]["content"] == "\U0001F600" * 4000
 
 
 async def test_html_in_the_question_passes_through_safely(base_url, fake):

@@ -116,7 +116,8 @@ def nginx_config(directory: Path, site: str, listen: int) -> Path:
     keeps every file nginx writes under `directory`."""
     directory.mkdir(exist_ok=True)
     assert "    listen 80;\n" in site
-    (directory / "site.conf").write_text(site.replace("    listen 80;\n", f"    listen 127.0.0.1:{listen};\n"))
+    site = site.replace("    listen 80;\n", f"    listen 127.0.0.1:{listen};\n")
+    (directory / "site.conf").write_text(site.replace("/var/log/nginx/", f"{directory}/"))
     temp = "\n".join(f"    {kind}_temp_path {directory}/{kind};"
                      for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     main = directory / "nginx.conf"

@@ -183,6 +183,29 @@ async def test_a_reload_mid_answer_resumes_the_same_answer(base_url, request, fa
         assert any("resume" in query for query in seen.asks())
 
 
+@pytest.mark.parametrize("page_settings", [{"resume_grace": 10.0}], indirect=True)
+async def test_a_resume_the_server_answers_with_204_shows_the_answer_cut_off_at_once(
+        base_url, request, fake: FakeUpstream, page_settings):
+    async with open_page(base_url, request) as (page, seen):
+        fake.script = Script(tokens=500, token_delay=0.05)
+        await ask(page, "q")
+        shown = await until(page, f"{SOURCE}.length > 10 && {SOURCE}")
+        # As if the server had forgotten the answer: its id, written after the page saves.
+        await page.evaluate("""() => addEventListener("pagehide", () => {
+            const state = JSON.parse(sessionStorage.getItem("tornado-sse.chat.v1"));
+            state.turns.at(-1).lastEventId = "gone00000000000000000000.5";
+            sessionStorage.setItem("tornado-sse.chat.v1", JSON.stringify(state));
+        })""")
+        await page.reload()
+        await page.wait_for_selector(".turn[data-status=lost]", state="attached", timeout=5000)
+        assert "cut off" in (await page.text_content(".turn-note") or "")
+        assert (await page.evaluate(SOURCE)).startswith(shown[:10])
+        await asyncio.sleep(2.5)  # the page never asks again (it used to, every second)
+        resumes = [query for query in seen.asks() if "resume" in query]
+        assert [query["resume"] for query in resumes] == [["gone00000000000000000000.5"]]
+        assert len(fake.requests) == 1
+
+
 async def test_an_expired_conversation_starts_a_new_one_and_says_so(base_url, request, fake: FakeUpstream):
     async with open_page(base_url, request) as (page, _):
         fake.script = Script(deltas=["first answer"])

@@ -341,14 +341,6 @@ async def test_resume_by_query_parameter_after_the_answer_finished(port, fake, b
     assert rest.text == "two three" and rest.events[-1] == END
 
 
-@pytest.mark.parametrize("last_id", ["nope", "abc.1", "", "x.99999"])
-async def test_a_reconnect_to_a_stream_that_is_gone_says_it_was_cut_off(base_url, fake, http_client, last_id):
-    response = await http_client.fetch(base_url + "/ask?question=q", headers={"Last-Event-ID": last_id or " "})
-    events = parse_events(response.body)
-    assert events[-1] == END and json.loads(events[0][1])["code"] == "stream_gone"
-    assert fake.requests == []
-
-
 @tuned(resume_grace=3.0)
 async def test_stop_aborts_at_once_even_with_a_resume_grace(port, fake, base_url, http_client):
     fake.script = Script(tokens=1000, token_delay=0.02)

@@ -51,13 +51,27 @@ def settings(request: pytest.FixtureRequest, settings):
     return with_settings(settings, **getattr(request, "param", {}))
 
 
-@pytest.mark.parametrize("settings", [{"trust_proxy_headers": True}], indirect=True)
+PROXIED = [{"X-Forwarded-For": "127.0.0.1"}, {"X-Real-IP": "127.0.0.1"}, {"Forwarded": "for=127.0.0.1"},
+           {"Via": "1.1 nginx"}]
+
+
+@pytest.mark.parametrize("settings", [{"trust_proxy_headers": True}, {}], indirect=True)
+@pytest.mark.parametrize("headers", PROXIED)
 @pytest.mark.gen_test
-async def test_metrics_look_at_the_socket_peer_not_at_proxy_headers(base_url, http_client):
-    # Tornado takes the client address from X-Forwarded-For here; /metrics must not, or a
-    # header could lock out (or, reversed, let in) whoever sends it.
+async def test_metrics_through_a_proxy_on_this_machine_are_refused(base_url, http_client, headers):
+    # nginx on the same host is a loopback peer for everyone it forwards: a request naming a proxy
+    # hop came from elsewhere, whatever address the header claims.
+    refused = await http_client.fetch(base_url + "/metrics", headers=headers, raise_error=False)
+    assert refused.code == 403 and json.loads(refused.body)["error"]["code"] == "forbidden"
+    direct = await http_client.fetch(base_url + "/metrics")
+    assert direct.code == 200 and direct.headers["Content-Type"].startswith("text/plain")
+
+
+@pytest.mark.parametrize("settings", [{"public_metrics": True}], indirect=True)
+@pytest.mark.gen_test
+async def test_public_metrics_are_served_through_a_proxy_too(base_url, http_client):
     response = await http_client.fetch(base_url + "/metrics", headers={"X-Forwarded-For": "203.0.113.9"})
-    assert response.code == 200 and response.headers["Content-Type"].startswith("text/plain")
+    assert response.code == 200
 
 
 @pytest.mark.parametrize("address, loopback", [("127.0.0.1", True), ("127.8.9.1", True), ("::1", True),

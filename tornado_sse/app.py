@@ -20,10 +20,10 @@ from .handlers import (HealthHandler, MetricsHandler, NotFoundHandler, PageHandl
                        SignOutHandler, StopHandler)
 from .logs import StreamSummary, log_request
 from .metrics import Metrics
+from .server import EdgeServer, max_head_bytes
 from .settings import Settings
 from .streams import StreamRegistry
 
-MAX_HEADER_BYTES = 1024 * 1024  # a 100 KB URL still gets a clean 413 instead of a dropped socket
 MAX_BODY_BYTES = 64 * 1024  # only the sign-in form has a body
 
 
@@ -81,7 +81,10 @@ def make_server(app: tornado.web.Application, settings: Settings) -> tornado.htt
     if settings.certfile and settings.keyfile:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(settings.certfile, settings.keyfile)
-    return tornado.httpserver.HTTPServer(
-        app, max_header_size=MAX_HEADER_BYTES, max_body_size=MAX_BODY_BYTES,
-        ssl_options=ssl_context, xheaders=settings.trust_proxy_headers,
-        idle_connection_timeout=300)
+    # Behind a proxy every connection comes from the proxy: the per-address cap would cap it.
+    per_address = 0 if settings.trust_proxy_headers else settings.max_connections_per_address
+    return EdgeServer(
+        app, max_header_size=max_head_bytes(settings.max_question_chars),
+        max_body_size=MAX_BODY_BYTES, ssl_options=ssl_context, xheaders=settings.trust_proxy_headers,
+        header_timeout=settings.header_timeout, keep_alive_timeout=settings.keep_alive_timeout,
+        max_connections_per_address=per_address)

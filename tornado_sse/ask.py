@@ -23,8 +23,6 @@ from .streams import Stream, StreamRegistry
 
 # C0 controls other than tab, LF and CR: nothing a person types, and NUL breaks some upstreams.
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-STREAM_GONE = ("stream_gone", "The answer was cut off: the connection was lost and the rest of it "
-               "is no longer available. Ask again to get a new answer.")
 
 
 class AskHandler(BaseHandler):
@@ -46,6 +44,7 @@ class AskHandler(BaseHandler):
         self.closed: asyncio.Future[None] | None = None
         self.active = False  # a frame went out since the keep-alive last looked
         self.streaming = False  # the response headers are out
+        self.chunked = True  # the body is chunked (HTTP/1.1), or ends with the close (HTTP/1.0)
 
     async def get(self) -> None:
         self.check_access()
@@ -77,16 +76,19 @@ class AskHandler(BaseHandler):
         parsed = sse.parse_event_id(last_event_id)
         # Another browser's stream is unknown: an id alone must not replay it or cut its reader off.
         stream = self.registry.get(parsed[0], self.owner()) if parsed else None
-        self.start_event_stream()
         backlog = stream.attach(self, after=parsed[1]) if stream and parsed else None
-        if stream is None or backlog is None:
-            self.write(sse.encode_error(*STREAM_GONE) + sse.encode_end())
+        if stream is None or backlog is None or (stream.done and not backlog):
+            # Nothing left to send: unknown, no longer buffered, or read to its end. 204 is the
+            # SSE spec's "stop reconnecting" (WHATWG HTML 9.2.3); an error frame would only be
+            # followed by another reconnect from a client that never closes its EventSource.
+            self.set_status(204)
             self.finish()
             return
+        self.start_event_stream()
         self.stream = stream
         self.write(b"".join(backlog))
         if stream.done:
-            self.finish()
+            self.finish_stream()
             return
         self.streaming = True
         self.flush()
@@ -101,6 +103,13 @@ class AskHandler(BaseHandler):
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
+        self.chunked = self.request.version == "HTTP/1.1"  # Tornado's own rule (_chunking_output)
+        if not self.chunked:
+            # An HTTP/1.0 body has no framing: only the close ends it. Tornado would echo a 1.0
+            # "Connection: keep-alive" and keep the socket open after the end frame (it reads the
+            # header in HTTP1Connection.write_headers), so the client would wait forever.
+            self.request.headers.pop("Connection", None)
+            self.set_header("Connection", "close")
         self.socket = cast(HTTP1Connection, self.request.connection).stream
         self.closed = asyncio.get_running_loop().create_future()
 
@@ -142,7 +151,8 @@ class AskHandler(BaseHandler):
                 self.lost()
 
     def write_chunk(self, frame: bytes) -> asyncio.Future[None] | None:
-        """One chunk of the chunked response, straight to the socket when nothing is queued.
+        """One frame as a chunk of the chunked response (bare on HTTP/1.0), straight to the socket
+        when nothing is queued.
 
         The per-token path: one send() call, no futures or callbacks, which is most of what
         RequestHandler.flush would cost. Whatever the kernel does not take, and anything on TLS,
@@ -153,7 +163,7 @@ class AskHandler(BaseHandler):
         if socket.closed():
             self.lost()
             return None
-        data = b"%x\r\n%b\r\n" % (len(frame), frame)
+        data = b"%x\r\n%b\r\n" % (len(frame), frame) if self.chunked else frame
         if not socket.writing() and not isinstance(socket, SSLIOStream):
             try:
                 sent = socket.socket.send(data)
@@ -168,9 +178,17 @@ class AskHandler(BaseHandler):
         return socket.write(data)
 
     def end(self) -> None:
-        if not self._finished:
-            self.finish()
+        self.finish_stream()
         self._resolve()
+
+    def finish_stream(self) -> None:
+        """Finish the event stream; on HTTP/1.0, close the connection once the last byte is out."""
+        if self._finished:
+            return
+        written = self.finish()
+        socket = self.socket
+        if not self.chunked and socket is not None:
+            written.add_done_callback(lambda _: socket.close())
 
     def drop(self) -> None:
         self.lost()

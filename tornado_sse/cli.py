@@ -35,6 +35,10 @@ log = logging.getLogger("tornado_sse")
 ENV_PREFIX = "TORNADO_SSE_"
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 SHUTDOWN_GRACE = 5.0  # seconds for streams to write their last frames once the drain is over
+FORCED_GRACE = 1.0  # the same after a second signal: enough for the frames, not for slow readers
+# SIGHUP (a closed terminal, or `kill -HUP` out of habit) drains like SIGTERM: there is nothing to
+# reload, and its default action would cut every stream without its end frame.
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _bool(text: str) -> bool:
@@ -80,6 +84,11 @@ FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--rate-burst", int, "questions a client may ask at once before the rate limit applies"),
     ("--trust-proxy-headers", _bool, "take the client address and scheme from X-Forwarded-For / "
      "X-Real-Ip / X-Forwarded-Proto (only behind a proxy you run)"),
+    ("--header-timeout", float, "seconds a new connection has to send its whole first request head"),
+    ("--keep-alive-timeout", float, "seconds a kept-alive connection may wait for its next request "
+     "(the whole head)"),
+    ("--max-connections-per-address", int, "open connections per client address, loopback spared "
+     "(0: no cap; no cap with --trust-proxy-headers, where the proxy is the one address)"),
     ("--allowed-origins", _origins, "comma-separated origins, besides this server's own, whose "
      "pages may call /ask"),
     ("--access-token", str, "a secret /ask requires, of 128 bits or more (better: "
@@ -180,7 +189,8 @@ class StartupError(Exception):
     """Start-up cannot go on; the message is the one line the operator reads."""
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings) -> bool:
+    """Serve until a signal; True when the drain ran its course, False when a second signal cut it."""
     try:
         # Tornado's default backlog (128) drops connections when thousands open at once.
         sockets = tornado.netutil.bind_sockets(settings.port, settings.host, backlog=LISTEN_BACKLOG)
@@ -212,29 +222,55 @@ async def serve(settings: Settings) -> None:
     gc.collect()
     gc.freeze()
 
-    stop = asyncio.Event()
+    shutdown = Shutdown()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    for sig in SHUTDOWN_SIGNALS:
+        loop.add_signal_handler(sig, shutdown.signal, sig)
     # READY only once SIGTERM drains: systemd may stop us the moment it reads it.
     notifier = Notifier.from_environ(os.environ)
     notifier.notify("READY=1", f"STATUS=listening on {scheme}://{settings.host}:{port}/")
     notifier.start_watchdog()
-    await stop.wait()
+    await shutdown.requested.wait()
 
     registry: StreamRegistry = app.settings["registry"]
+    forced = shutdown.forced
     log.info("draining: %d open streams get up to %gs to finish", registry.running, settings.drain_timeout)
     registry.draining = True
     notifier.notify("STOPPING=1", f"STATUS=draining {registry.running} open streams")
     server.stop()
-    await _wait(lambda: registry.running == 0, settings.drain_timeout)
+    await _wait(lambda: registry.running == 0 or forced.is_set(), settings.drain_timeout)
     if registry.running:
         log.info("ending %d streams that are still open", registry.running)
         registry.shut_down_all()
-        await _wait(lambda: registry.running == 0, SHUTDOWN_GRACE)
+        if forced.is_set():
+            await _wait(lambda: registry.running == 0, FORCED_GRACE)
+        else:
+            await _wait(lambda: registry.running == 0 or forced.is_set(), SHUTDOWN_GRACE)
     await server.close_all_connections()
     await backend.close()
     notifier.stop_watchdog()
+    return not forced.is_set()
+
+
+class Shutdown:
+    """SIGTERM, SIGINT or SIGHUP starts the drain; a second one ends the open streams now (each
+    still gets its error and end frame) and the exit status is 1; a third exits on the spot."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.forced = asyncio.Event()
+
+    def signal(self, number: int) -> None:
+        name = signal.Signals(number).name
+        if not self.requested.is_set():
+            log.info("%s: shutting down", name)
+            self.requested.set()
+        elif not self.forced.is_set():
+            log.warning("%s during the drain: ending the open streams now", name)
+            self.forced.set()
+        else:
+            log.warning("%s again: exiting at once", name)
+            os._exit(1)
 
 
 async def _wait(done: Callable[[], bool], timeout: float) -> None:
@@ -254,7 +290,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv, os.environ)
     logs.configure(settings.log_level_number, settings.log_format)
     try:
-        asyncio.run(serve(settings))
+        drained = asyncio.run(serve(settings))
     except StartupError as exc:
         log.error("%s", exc)
+        sys.exit(1)
+    if not drained:
         sys.exit(1)

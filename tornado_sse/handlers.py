@@ -223,13 +223,22 @@ class MetricsHandler(BaseHandler):
         self.metrics = metrics
 
     def get(self) -> None:
-        # The socket's own peer, not a proxy header: X-Forwarded-For must not open this.
+        # The socket's own peer, not a proxy header: X-Forwarded-For must not open this. And a
+        # proxy on this machine is a loopback peer for everyone it forwards: a request that
+        # names a proxy hop came from elsewhere.
         peer = cast(HTTP1Connection, self.request.connection).stream.socket.getpeername()
-        if not self.config.public_metrics and not _is_loopback(peer[0] if isinstance(peer, tuple) else ""):
+        local = _is_loopback(peer[0] if isinstance(peer, tuple) else "")
+        proxied = any(name in self.request.headers for name in PROXY_HEADERS)
+        if not self.config.public_metrics and (not local or proxied):
             raise ClientError(403, "forbidden", "Metrics are served to this machine only "
                               "(start with --public-metrics to change that).")
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(self.metrics.exposition())
+
+
+# Headers a proxy adds (RFC 7239 Forwarded, the de-facto X-Forwarded-For and nginx's X-Real-IP,
+# RFC 9110 Via).
+PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP", "Via")
 
 
 def _is_loopback(address: str) -> bool:

@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
 import tornado.web
 
 from .streams import Stream
+
+# What json.dumps(ensure_ascii=False) leaves raw but a terminal or log viewer acts on: DEL and the
+# C1 controls (U+009B is a one-byte CSI), the line and paragraph separators (a line break to
+# JavaScript and some viewers), and the bidi controls that reorder what a reader sees ("Trojan
+# Source"). Written as \uXXXX, as the text format's repr() does; JSON decodes them unchanged.
+_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return "\\u%04x" % ord(match.group())
+
 
 access_log = logging.getLogger("tornado_sse.access")
 stream_log = logging.getLogger("tornado_sse.stream")
@@ -35,7 +47,7 @@ class JSONFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return _UNSAFE.sub(_escape, json.dumps(entry, ensure_ascii=False, default=str))
 
 
 def configure(level: int, fmt: str) -> None:
@@ -54,8 +66,9 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     request = handler.request
     duration = 1000.0 * request.request_time()
-    access_log.log(level, "%d %s %s %s %.1fms", status, request.method, request.path,
-                   request.remote_ip, duration,
+    # The path arrives as bytes read as Latin-1: a raw 0x9B is U+009B, a terminal's CSI.
+    access_log.log(level, "%d %s %s %s %.1fms", status, request.method,
+                   _UNSAFE.sub(_escape, request.path), request.remote_ip, duration,
                    extra={"status": status, "method": request.method, "path": request.path,
                           "client": request.remote_ip, "duration_ms": round(duration, 1)})
 

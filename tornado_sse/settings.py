@@ -55,6 +55,9 @@ class Settings:
     rate_limit: float = 20.0  # questions per minute per client; 0: no limit
     rate_burst: int = 10
     trust_proxy_headers: bool = False
+    header_timeout: float = 20.0  # a new connection's first request head, complete
+    keep_alive_timeout: float = 75.0  # a kept-alive connection's next request head, complete
+    max_connections_per_address: int = 64  # 0: no cap; off with trust_proxy_headers
     allowed_origins: tuple[str, ...] = ()
     access_token: str | None = field(default=None, repr=False)
     session_secret: str | None = field(default=None, repr=False)  # None: random per process
@@ -107,6 +110,10 @@ class Settings:
         _check(self.max_streams >= 1, "max_streams", self.max_streams, "a whole number >= 1")
         _check(self.rate_limit >= 0, "rate_limit", self.rate_limit, "questions per minute >= 0")
         _check(self.rate_burst >= 1, "rate_burst", self.rate_burst, "a whole number >= 1")
+        _check(self.header_timeout > 0, "header_timeout", self.header_timeout, "seconds > 0")
+        _check(self.keep_alive_timeout > 0, "keep_alive_timeout", self.keep_alive_timeout, "seconds > 0")
+        _check(self.max_connections_per_address >= 0, "max_connections_per_address",
+               self.max_connections_per_address, "a whole number >= 0 (0: no cap)")
         _check(self.drain_timeout >= 0, "drain_timeout", self.drain_timeout, "seconds >= 0")
         _check(self.resume_grace >= 0, "resume_grace", self.resume_grace, "seconds >= 0")
         _check(self.resume_buffer >= 1, "resume_buffer", self.resume_buffer, "frames >= 1")
