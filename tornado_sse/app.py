@@ -13,8 +13,7 @@ import tornado.httpserver
 import tornado.web
 
 from .backend import Backend
-from .conversations import ConversationStore
-from .guard import Gate, RateLimiter
+from .guard import Gate
 from .ask import AskHandler
 from .handlers import (HealthHandler, MetricsHandler, NotFoundHandler, PageHandler, SignInHandler,
                        SignOutHandler, StopHandler)
@@ -22,6 +21,7 @@ from .logs import StreamSummary, log_request
 from .metrics import Metrics
 from .server import EdgeServer, max_head_bytes
 from .settings import Settings
+from .store import make_store
 from .streams import StreamRegistry
 
 MAX_BODY_BYTES = 64 * 1024  # only the sign-in form has a body
@@ -43,21 +43,17 @@ def asset_dir(name: str) -> Path:
 def make_app(settings: Settings, backend: Backend) -> tornado.web.Application:
     """The Application owns the stream registry (`app.settings["registry"]`): open streams, their
     conversations, and the count the limits and the shutdown use."""
-    conversations = ConversationStore(
-        max_turns=settings.max_turns, max_chars=settings.max_conversation_chars,
-        ttl=settings.conversation_ttl, max_conversations=settings.max_conversations,
-        system_prompt=settings.system_prompt)
-    registry = StreamRegistry(backend, conversations, max_streams=settings.max_streams,
+    store = make_store(settings)  # conversations, the rate limit, what other instances read
+    registry = StreamRegistry(backend, store, max_streams=settings.max_streams,
                               resume_grace=settings.resume_grace, resume_buffer=settings.resume_buffer,
                               pad_frames=settings.pad_frames)
-    limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
     metrics = Metrics(registry)
     registry.on_finish.append(StreamSummary(settings.log_content))
     common = {"settings": settings, "gate": Gate(settings.session_max_age)}
     return tornado.web.Application(
         [
             (r"/", PageHandler, {**common, "backend": backend}),
-            (r"/ask", AskHandler, {**common, "registry": registry, "limiter": limiter, "metrics": metrics}),
+            (r"/ask", AskHandler, {**common, "registry": registry, "metrics": metrics}),
             (r"/metrics", MetricsHandler, {**common, "metrics": metrics}),
             (r"/stop", StopHandler, {**common, "registry": registry}),
             (r"/login", SignInHandler, common),
@@ -70,7 +66,8 @@ def make_app(settings: Settings, backend: Backend) -> tornado.web.Application:
         default_handler_args=common,
         log_function=log_request,
         registry=registry,
-        # Signs the session cookies. Unset, a random one: a restart then signs everyone out.
+        # Signs the session cookies. Unset, a random one: a restart then signs everyone out (a
+        # shared store refuses to start without one: every instance must verify every cookie).
         cookie_secret=settings.session_secret or secrets.token_urlsafe(32),
         xsrf_cookies=False,  # the state-changing requests check Origin/Sec-Fetch-Site instead
     )

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 from typing import Any, cast
@@ -15,10 +16,11 @@ from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
 from . import sse
-from .guard import Gate, RateLimiter
+from .guard import Gate
 from .handlers import BaseHandler, ClientError
 from .metrics import Metrics
 from .settings import Settings
+from .store import STORE_DOWN, RemoteStream, StoreError
 from .streams import Stream, StreamRegistry
 
 # C0 controls other than tab, LF and CR: nothing a person types, and NUL breaks some upstreams.
@@ -34,12 +36,13 @@ class AskHandler(BaseHandler):
     """
 
     def initialize(self, settings: Settings, gate: Gate,  # type: ignore[override]
-                   registry: StreamRegistry, limiter: RateLimiter, metrics: Metrics) -> None:
+                   registry: StreamRegistry, metrics: Metrics) -> None:
         super().initialize(settings, gate)
         self.registry = registry
-        self.limiter = limiter
         self.metrics = metrics
         self.stream: Stream | None = None
+        self.remote: RemoteStream | None = None  # a stream another instance produces (Redis)
+        self.relay: asyncio.Task[None] | None = None
         self.socket: IOStream | None = None
         self.closed: asyncio.Future[None] | None = None
         self.active = False  # a frame went out since the keep-alive last looked
@@ -61,12 +64,18 @@ class AskHandler(BaseHandler):
         if self.registry.full:
             raise ClientError(503, "busy", "The server is answering as many questions as it can. "
                               "Please try again shortly.", {"Retry-After": "5"})
-        wait = self.limiter.take(self.client)
-        if wait:
-            raise ClientError(429, "rate_limited", "Too many questions from your address. Please "
-                              f"wait {math.ceil(wait)} s.", {"Retry-After": str(math.ceil(wait))})
-        owner = self.owner()
-        conversation, restarted = self.registry.conversations.open(self.query("conversation"), owner)
+        store = self.registry.store
+        try:
+            if not store.up:
+                raise StoreError(STORE_DOWN)
+            wait = await store.take(self.client)
+            if wait:
+                raise ClientError(429, "rate_limited", "Too many questions from your address. Please "
+                                  f"wait {math.ceil(wait)} s.", {"Retry-After": str(math.ceil(wait))})
+            owner = self.owner()
+            conversation, restarted = await store.open(self.query("conversation"), owner)
+        except StoreError as exc:
+            raise ClientError(503, exc.failure.code, exc.failure.message, {"Retry-After": "5"}) from None
         self.start_event_stream()
         self.stream = self.registry.start(conversation, question, restarted, self.client, owner)
         self.stream.attach(self)
@@ -76,6 +85,11 @@ class AskHandler(BaseHandler):
         parsed = sse.parse_event_id(last_event_id)
         # Another browser's stream is unknown: an id alone must not replay it or cut its reader off.
         stream = self.registry.get(parsed[0], self.owner()) if parsed else None
+        if stream is None and parsed and self.registry.store.shares_frames:
+            remote = await self.registry.store.find(parsed[0], self.owner())
+            if remote is not None:  # another instance produces it: follow it through the store
+                await self.resume_remote(remote, parsed[1])
+                return
         backlog = stream.attach(self, after=parsed[1]) if stream and parsed else None
         if stream is None or backlog is None or (stream.done and not backlog):
             # Nothing left to send: unknown, no longer buffered, or read to its end. 204 is the
@@ -93,6 +107,37 @@ class AskHandler(BaseHandler):
         self.streaming = True
         self.flush()
         await self.follow()
+
+    async def resume_remote(self, remote: RemoteStream, after: int) -> None:
+        backlog = await remote.backlog(after)
+        if backlog is None or (remote.ended and not backlog):  # as resume(): nothing left to send
+            self.set_status(204)
+            self.finish()
+            return
+        self.start_event_stream()
+        self.write(b"".join(backlog))
+        if remote.ended:
+            self.finish_stream()
+            return
+        self.streaming = True
+        self.flush()
+        self.remote = remote
+        self.relay = asyncio.ensure_future(self.relay_remote(remote))
+        await self.follow()
+
+    async def relay_remote(self, remote: RemoteStream) -> None:
+        """Frames from the store as its producer writes them. When the producer dies or the store
+        goes away, the reader still gets an error frame and the end frame, numbered on."""
+        try:
+            async for frames in remote.live():
+                for frame in frames:
+                    await self.send(frame)
+        except StoreError as exc:
+            failure = exc.failure
+            error = json.dumps({"code": failure.code, "message": failure.message})
+            for seq, (event, data) in enumerate([("error", error), ("update", sse.END_MARKER)], 1):
+                await self.send(self.registry.frame(event, data, f"{remote.id}.{remote.last + seq}"))
+        self.end()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
@@ -197,6 +242,10 @@ class AskHandler(BaseHandler):
         """Gone or too slow: let the stream go on without us (or abort), close the socket."""
         if self.stream is not None:
             self.stream.detach(self)
+        if self.remote is not None:
+            self.remote.detach()
+            if self.relay is not None and self.relay is not asyncio.current_task():
+                self.relay.cancel()
         if self.socket is not None and not self.socket.closed():
             self.socket.close()
         self._resolve()

@@ -106,7 +106,11 @@ FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--max-turns", int, "question/answer turns kept per conversation"),
     ("--max-conversation-chars", int, "characters kept per conversation"),
     ("--conversation-ttl", float, "seconds an idle conversation is kept"),
-    ("--max-conversations", int, "conversations kept in memory (least recently used go first)"),
+    ("--max-conversations", int, "conversations kept in memory (least recently used go first; "
+     "with Redis, --conversation-ttl alone bounds them)"),
+    ("--store", str, "memory: this process only; or redis://host:port/db (rediss:// for TLS, a "
+     "password in the URL or TORNADO_SSE_STORE_PASSWORD): conversations, resume, Stop and the rate "
+     "limit shared by every instance (needs --session-secret)"),
     ("--log-level", str, "one of " + "|".join(LOG_LEVELS)),
     ("--log-format", str, "text, or json: one JSON object per line (journald, log shippers)"),
     ("--log-content", _bool, "also log each question and answer (off: they are never logged)"),
@@ -205,6 +209,8 @@ async def serve(settings: Settings) -> bool:
         server = make_server(app, settings)
     except (OSError, ssl.SSLError) as exc:
         raise StartupError(f"cannot load --certfile/--keyfile: {exc}") from None
+    registry: StreamRegistry = app.settings["registry"]
+    await registry.store.start()  # an unreachable Redis is logged; the server starts all the same
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
     if backend.name == "demo":
@@ -232,7 +238,6 @@ async def serve(settings: Settings) -> bool:
     notifier.start_watchdog()
     await shutdown.requested.wait()
 
-    registry: StreamRegistry = app.settings["registry"]
     forced = shutdown.forced
     log.info("draining: %d open streams get up to %gs to finish", registry.running, settings.drain_timeout)
     registry.draining = True
@@ -247,6 +252,7 @@ async def serve(settings: Settings) -> bool:
         else:
             await _wait(lambda: registry.running == 0 or forced.is_set(), SHUTDOWN_GRACE)
     await server.close_all_connections()
+    await registry.store.close()  # after the last frames: they are written to Redis first
     await backend.close()
     notifier.stop_watchdog()
     return not forced.is_set()

@@ -78,15 +78,7 @@ class ConversationStore:
         """Add a finished (or cut-off) turn, then drop the oldest turns past the bounds. The turn
         itself is kept within the characters bound too: an answer past it is cut (and marked so),
         since an upstream may stream far more than anyone asked for, and it is all resent."""
-        room = max(self._max_chars - len(turn.question), 0)
-        if len(turn.answer) > room:
-            turn = Turn(turn.question, turn.answer[:room], cut_off=True)
-        turns = conversation.turns
-        turns.append(turn)
-        while len(turns) > self._max_turns or (
-            len(turns) > 1 and sum(len(t.question) + len(t.answer) for t in turns) > self._max_chars
-        ):
-            del turns[0]
+        add_turn(conversation, turn, self._max_turns, self._max_chars)
         conversation.used = self._clock()
         if conversation.id in self._items:
             self._items.move_to_end(conversation.id)
@@ -97,3 +89,17 @@ class ConversationStore:
             if now - oldest.used < self._ttl:
                 break
             del self._items[oldest.id]
+
+
+def add_turn(conversation: Conversation, turn: Turn, max_turns: int, max_chars: int) -> None:
+    """Append `turn`, cut to `max_chars`, then drop the oldest turns past the bounds: the same
+    rule wherever the conversation is kept (this process, or Redis: redis_store.py)."""
+    room = max(max_chars - len(turn.question), 0)
+    if len(turn.answer) > room:
+        turn = Turn(turn.question, turn.answer[:room], cut_off=True)
+    turns = conversation.turns
+    turns.append(turn)
+    while len(turns) > max_turns or (
+        len(turns) > 1 and sum(len(t.question) + len(t.answer) for t in turns) > max_chars
+    ):
+        del turns[0]

@@ -18,6 +18,7 @@ from .guard import (OWNER_COOKIE, SESSION_COOKIE, Gate, bearer, cross_site, new_
                     valid_owner)
 from .settings import Settings
 from .metrics import Metrics
+from .store import StoreError
 from .streams import StreamRegistry
 
 log = logging.getLogger(__name__)
@@ -209,10 +210,14 @@ class HealthHandler(BaseHandler):
     def get(self) -> None:
         self.set_header("Cache-Control", "no-store")
         backend = self.registry.backend
-        if self.registry.draining:
+        store = self.registry.store
+        status = "draining" if self.registry.draining else "ok" if store.up else "degraded"
+        if status != "ok":
             self.set_status(503)
-        self.finish({"status": "draining" if self.registry.draining else "ok",
-                     "backend": backend.name, "model": backend.model})
+        body = {"status": status, "backend": backend.name, "model": backend.model}
+        if store.name != "memory":  # a shared store is a dependency: say how it is
+            body["store"] = "up" if store.up else "down"
+        self.finish(body)
 
 
 class MetricsHandler(BaseHandler):
@@ -256,10 +261,18 @@ class StopHandler(BaseHandler):
         super().initialize(settings, gate)
         self.registry = registry
 
-    def post(self) -> None:
+    async def post(self) -> None:
         self.check_access()
-        stream = self.registry.get(self.query("stream") or "", self.owner())
-        if stream is None:
+        id, owner = self.query("stream") or "", self.owner()
+        stream = self.registry.get(id, owner)
+        if stream is not None:
+            stream.stop()
+        elif not await self.shared_stop(id, owner):  # produced by another instance, perhaps
             raise ClientError(404, "unknown_stream", "There is no such answer being written.")
-        stream.stop()
         self.set_status(204)
+
+    async def shared_stop(self, id: str, owner: str) -> bool:
+        try:
+            return await self.registry.store.stop(id, owner)
+        except StoreError as exc:
+            raise ClientError(503, exc.failure.code, exc.failure.message, {"Retry-After": "5"}) from None

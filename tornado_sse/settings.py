@@ -73,6 +73,10 @@ class Settings:
     max_conversation_chars: int = 24000
     conversation_ttl: float = 3600.0
     max_conversations: int = 10000
+    # memory: this process only; redis://host:port/db (rediss:// for TLS): shared by every
+    # instance. The URL may carry a password: no repr.
+    store: str = field(default="memory", repr=False)
+    store_password: str | None = field(default=None, repr=False)  # TORNADO_SSE_STORE_PASSWORD
     # From the environment, the variables the openai SDK itself reads. The key never reaches a
     # repr, a log line or a response.
     api_key: str | None = field(default=None, repr=False)
@@ -133,6 +137,12 @@ class Settings:
                    f"a random secret of at least {MIN_SECRET_BITS} bits, such as 22 random letters "
                    f"and digits; make one with: {MAKE_A_SECRET}")
         _check(self.session_max_age > 0, "session_max_age", self.session_max_age, "seconds > 0")
+        _check(self.store == "memory" or self.store.startswith(("redis://", "rediss://")), "store",
+               "(hidden)" if "@" in self.store else self.store,
+               "memory, or a Redis URL such as redis://127.0.0.1:6379/0 (rediss:// for TLS)")
+        _check(self.store == "memory" or self.session_secret is not None, "session_secret", None,
+               "a secret shared by every instance when --store is Redis: each one must verify the "
+               f"others' sign-in cookies; make one with: {MAKE_A_SECRET}")
 
     @property
     def resolved_backend(self) -> Literal["openai", "demo"]:
@@ -161,6 +171,7 @@ class Settings:
             proxies=tuple(sorted(proxies_from(environ).items())),
             ssl_cert_file=environ.get("SSL_CERT_FILE") or None,
             ssl_cert_dir=environ.get("SSL_CERT_DIR") or None,
+            store_password=environ.get("TORNADO_SSE_STORE_PASSWORD") or None,
         )
 
 

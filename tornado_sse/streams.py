@@ -21,8 +21,9 @@ from typing import Protocol
 
 from . import sse
 from .backend import Backend, Finish, Message
-from .conversations import Conversation, ConversationStore, Turn
+from .conversations import Conversation, Turn
 from .errors import Failure, cause_chain, describe, without_keys
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class Stream:
         self.finished_at = self.started_at
         self.task: asyncio.Task[None] | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
+        # With a shared store, every frame is also queued for other instances (never awaited).
+        self.share = registry.store.share if registry.store.shares_frames else None
+        self.recorded = False  # the turn is kept already (a shared store keeps it before the end)
 
     # -- the relay: backend deltas -> numbered frames -> the listener --------------------------
 
@@ -121,6 +125,10 @@ class Stream:
         else:
             self.outcome = "done"
             await self.emit("finish", finish_data(self.finish or Finish("stop")))
+        if self.registry.store.shares_frames:
+            # Before the end frame: a follow-up sent the moment it arrives may reach another
+            # instance, which must already see this turn.
+            await self.registry.keep_turn(self)
         await self.emit("update", sse.END_MARKER)
         self.done = True
         if self.listener is not None:
@@ -133,6 +141,8 @@ class Stream:
             frame = sse.pad(frame, self.registry.pad_step())
         if self.frames is not None:
             self.frames.append(frame)
+        if self.share is not None:
+            self.share(self, frame)
         if self.listener is not None:
             await self.listener.send(frame)
 
@@ -204,10 +214,10 @@ class StreamRegistry:
     """Every stream the Application holds, by id: running ones count against `max_streams`;
     finished ones stay for the resume grace when a reader may still come back for their end."""
 
-    def __init__(self, backend: Backend, conversations: ConversationStore, *, max_streams: int,
+    def __init__(self, backend: Backend, store: Store, *, max_streams: int,
                  resume_grace: float, resume_buffer: int, pad_frames: bool = False):
         self.backend = backend
-        self.conversations = conversations
+        self.store = store
         self.max_streams = max_streams
         self.resume_grace = resume_grace
         self.resume_buffer = resume_buffer
@@ -234,6 +244,7 @@ class StreamRegistry:
         # A done callback, not a `finally`: a task cancelled before its first step never runs its
         # coroutine, and its slot must be released all the same.
         stream.task.add_done_callback(lambda _: self._finished(stream))
+        self.store.started(stream)
         for callback in self.on_start:
             callback(stream)
         return stream
@@ -253,9 +264,11 @@ class StreamRegistry:
     def _finished(self, stream: Stream) -> None:
         self.running -= 1
         stream.finished_at = asyncio.get_running_loop().time()
-        if stream.answer or stream.outcome == "done":  # keep the turn, cut off or not
-            self.conversations.record(stream.conversation, Turn(
+        if not stream.recorded and (stream.answer or stream.outcome == "done"):
+            stream.recorded = True  # keep the turn, cut off or not
+            self.store.keep(stream.conversation, Turn(
                 stream.question, "".join(stream.answer), cut_off=stream.outcome != "done"))
+        self.store.finished(stream)
         if stream.listener is None and stream.frames is not None and stream.done:
             # nobody has read the end yet: keep it for a returning reader
             asyncio.get_running_loop().call_later(self.resume_grace, self.streams.pop, stream.id, None)
@@ -263,6 +276,24 @@ class StreamRegistry:
             self.streams.pop(stream.id, None)
         for callback in self.on_finish:
             callback(stream)
+
+    async def keep_turn(self, stream: Stream) -> None:
+        """Add the stream's question and answer to its conversation, once."""
+        if stream.recorded:
+            return
+        stream.recorded = True
+        turn = Turn(stream.question, "".join(stream.answer), cut_off=stream.outcome != "done")
+        try:
+            # Bounded: a slow store must not hold the end frame back for long.
+            await asyncio.wait_for(asyncio.shield(self.store.record(stream.conversation, turn)), 2.0)
+        except (TimeoutError, asyncio.CancelledError):
+            pass  # the write goes on (shielded); the end frame must go out all the same
+
+    def frame(self, event: str, data: str, id: str) -> bytes:
+        """A frame as Stream.emit makes it, for frames written on a stream's behalf (a follower
+        whose producer died)."""
+        frame = sse.encode_event(event, data, id)
+        return sse.pad(frame, self.pad_step()) if self.pad_frames else frame
 
     def shut_down_all(self) -> None:
         for stream in list(self.streams.values()):
