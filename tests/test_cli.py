@@ -28,7 +28,7 @@ FLAGS = ["--api", "--upstream-transport", "--log-format", "--log-content", "--pu
          "--certfile", "--keyfile", "--drain-timeout", "--resume-grace", "--resume-buffer",
          "--max-turns", "--max-conversation-chars", "--conversation-ttl", "--max-conversations",
          "--reasoning-effort", "--system-prompt", "--system-prompt-file",
-         "--session-secret", "--session-max-age", "--pad-frames"]
+         "--session-secret", "--session-max-age", "--pad-frames", "--store"]
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
 
 

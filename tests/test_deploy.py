@@ -1,6 +1,6 @@
 """deploy/: the systemd units verify and stay hardened, the nginx samples load, and the
-several-instances sample keeps each conversation, Stop and resume on the instance that holds
-them, through a real nginx in front of real server processes."""
+single-instance sample streams through a real nginx in front of a real server process. (The
+several-instances sample, round-robin over instances sharing Redis: test_multi_instance.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -212,17 +212,6 @@ def with_instance(instance: str | None) -> dict[str, str]:
     return {"Cookie": OWNER["Cookie"] + (f"; tornado_sse_instance={instance}" if instance else "")}
 
 
-def stop(port: int, stream: str, instance: str | None = None) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-    try:
-        conn.request("POST", "/stop?" + urlencode({"stream": stream}), headers=with_instance(instance))
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
-
-
 def test_the_single_instance_sample_streams_every_frame_as_it_comes(tmp_path: Path) -> None:
     tool("nginx")
     with running(*SERVER) as (_, server, _), \
@@ -238,65 +227,3 @@ def test_the_single_instance_sample_streams_every_frame_as_it_comes(tmp_path: Pa
         reader.close()
         assert first is not None and time.monotonic() - first > 1.0  # not one buffered lump
         assert len(events) > 20 and "hi" in "".join(d for e, d in events if e == "update")
-
-
-def access_lines(lines: list[str]) -> int:
-    return sum(" GET /ask " in line for line in lines)
-
-
-def test_several_instances_keep_each_conversation_stop_and_resume_on_their_instance(tmp_path: Path) -> None:
-    tool("nginx")
-    with ExitStack() as stack:
-        (_, a, a_log), (_, b, b_log) = (stack.enter_context(running(*SERVER)) for _ in range(2))
-        site = (DEPLOY / "nginx-multi.conf").read_text().replace("8001", "@A@").replace("8002", "@B@")
-        port = stack.enter_context(nginx(tmp_path, site.replace("@A@", str(a)).replace("@B@", str(b))))
-
-        # New questions spread over both instances, and each answer names its instance.
-        firsts = []
-        for i in range(6):
-            reader = Reader(port, {"question": f"first {i}"})
-            meta = reader.meta()
-            reader.close()
-            assert meta["restarted"] is False and reader.instance in (str(a), str(b))
-            firsts.append((reader.instance, meta))
-        assert {instance for instance, _ in firsts} == {str(a), str(b)}
-        deadline = time.monotonic() + 10
-        while access_lines(a_log) + access_lines(b_log) < 6 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        served = {str(a): access_lines(a_log), str(b): access_lines(b_log)}
-        assert served == {str(x): sum(i == str(x) for i, _ in firsts) for x in (a, b)}
-
-        # Follow-ups reach the instance that holds their conversation (in another order than
-        # the first questions, so that plain alternation cannot pass for routing).
-        for instance, meta in reversed(firsts):
-            reader = Reader(port, {"question": "and then?", "conversation": str(meta["conversation"])}, instance)
-            follow = reader.meta()
-            reader.close()
-            assert reader.instance == instance
-            assert follow["restarted"] is False and follow["conversation"] == meta["conversation"]
-        # ... and only there: the same follow-up pinned to the other instance starts afresh.
-        instance, meta = firsts[0]
-        other = str(b) if instance == str(a) else str(a)
-        reader = Reader(port, {"question": "and then?", "conversation": str(meta["conversation"])}, other)
-        assert reader.meta()["restarted"] is True
-        reader.close()
-
-        # A reconnect with ?resume= gets the frames it missed from the instance that has them.
-        reader = Reader(port, {"question": "resume me"})
-        stream_id, _, _ = reader.event()
-        reader.close()
-        resumed = Reader(port, {"resume": stream_id}, reader.instance)
-        _, event, data = resumed.event()
-        assert event == "update" and data != "<END_STREAMING_SSE>"  # not "stream_gone"
-        resumed.close()
-
-        # Stop reaches the stream's instance, with the cookie and, trying each, without.
-        readers: list[Reader] = []
-        while {r.instance for r in readers} != {str(a), str(b)}:
-            assert len(readers) < 6
-            readers.append(Reader(port, {"question": "a long one"}))
-        for reader, cookie in zip(readers, [True, False] * len(readers)):
-            stream = str(reader.meta()["stream"])
-            assert stop(port, stream, reader.instance if cookie else None) == 204
-            assert stop(port, stream) == 404  # it is gone everywhere now
-            reader.close()
