@@ -120,10 +120,18 @@ def stop(proc: subprocess.Popen[str], grace: float = 6.0) -> None:
             pass
 
 
-def server_cmd(side: str, port: int) -> list[str]:
-    if side == "tornado-sse":
+# tornado-sse-redis: the same server with --store on a redis-server of its own (started per
+# measurement by run.py); a shared store needs a shared session secret.
+BENCH_SECRET = "bench-Zq7xV2mK9pL4wR8tN3bY6cH1"
+
+
+def server_cmd(side: str, port: int, extra: list[str] | None = None,
+               redis_port: int | None = None) -> list[str]:
+    if side.startswith("tornado-sse"):
+        store = ["--store", f"redis://127.0.0.1:{redis_port}/0", "--session-secret",
+                 BENCH_SECRET] if side == "tornado-sse-redis" else []
         return [sys.executable, "-m", "tornado_sse", "--host", "127.0.0.1", "--port", str(port),
                 "--backend", "openai", "--max-retries", "0", "--log-level", "warning",
                 # the peer has no rate limit or stream cap: measure the relay, not the limits
-                "--rate-limit", "0", "--max-streams", "100000"]
+                "--rate-limit", "0", "--max-streams", "100000", *store, *(extra or [])]
     return [sys.executable, str(BENCH / "peers" / "fastapi_peer.py"), "--port", str(port)]

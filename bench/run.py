@@ -31,20 +31,29 @@ import loadgen
 import procs
 from scenarios import CONTEXT, ROWS, Scenario, metrics, scenarios
 
-SIDES = ("tornado-sse", "fastapi-peer")
+# tornado-sse-redis: --store redis://... on its own redis-server; compare it with tornado-sse:
+#   python bench/run.py --scenario steady100 --side tornado-sse --side tornado-sse-redis \
+#       --tornado-flags="--resume-grace 30"
+SIDES = ("tornado-sse", "fastapi-peer", "tornado-sse-redis")
 RESULTS = procs.BENCH / "results"
 
 
-def measure(s: Scenario, side: str, logs: Path, latency_limit_ms: float, env: dict[str, str]) -> dict[str, Any]:
+def measure(s: Scenario, side: str, logs: Path, latency_limit_ms: float, env: dict[str, str],
+            tornado_flags: list[str] | None = None) -> dict[str, Any]:
     """One scenario against one side, with its own upstream and server processes."""
     py = sys.executable
     up = procs.start([py, str(procs.BENCH / "upstream.py"), "--tokens", str(s.tokens),
                       "--token-delay", str(s.token_delay)], logs / "upstream.log", env, stdout_pipe=True)
-    srv = None
+    srv = redis = None
     try:
         up_port = int(procs.read_line(up, 20).split()[1])
         port = procs.free_port()
-        srv = procs.start(procs.server_cmd(side, port), logs / f"{side}.log",
+        redis_port = procs.free_port() if side == "tornado-sse-redis" else None
+        if redis_port is not None:
+            redis = procs.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no"], logs / "redis.log")
+            time.sleep(0.3)
+        srv = procs.start(procs.server_cmd(side, port, tornado_flags, redis_port), logs / f"{side}.log",
                           env={**env, "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
                                "OPENAI_API_KEY": "bench"})
         procs.wait_http(port, "/healthz")
@@ -54,6 +63,7 @@ def measure(s: Scenario, side: str, logs: Path, latency_limit_ms: float, env: di
         time.sleep(0.3)
         idle_kib = procs.memory_kib(srv.pid)["VmRSS"]
         cpu0, up_cpu0, t0 = procs.cpu_seconds(srv.pid), procs.cpu_seconds(up.pid), time.monotonic()
+        store_cpu0 = procs.cpu_seconds(redis.pid) if redis is not None else 0.0
         sampler = procs.RssSampler(srv.pid)
         lg_proc = procs.start([py, str(procs.BENCH / "loadgen.py"), "--port", str(port),
                                *s.loadgen_args(latency_limit_ms)], logs / "loadgen.log", stdout_pipe=True)
@@ -76,12 +86,15 @@ def measure(s: Scenario, side: str, logs: Path, latency_limit_ms: float, env: di
         stats = upstream_stats(up_port, len(result.get("closed_at", {})))
         m = {"wall_s": wall, "cpu_s": cpu_s, "upstream_cpu_s": up_cpu_s, "idle_kib": idle_kib,
              "open_kib": open_kib, "max_kib": max_kib, "hwm_kib": hwm_kib,
-             "loadgen_cpu_s": _loadgen_cpu(result)}
+             "loadgen_cpu_s": _loadgen_cpu(result),
+             "store_cpu_s": procs.cpu_seconds(redis.pid) - store_cpu0 if redis is not None else None}
         return metrics(s, result, m, stats)
     finally:
         if srv is not None:
             procs.stop(srv)
         procs.stop(up, grace=2)
+        if redis is not None:
+            procs.stop(redis, grace=2)
 
 
 def code_env(rev: str | None, stamp: str) -> tuple[dict[str, str], str]:
@@ -129,20 +142,23 @@ def fmt(v: float | None) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"
 
 
-def table(runs: dict[str, dict[str, list[dict[str, Any]]]], chosen: dict[str, Scenario]) -> str:
-    head = ["| scenario | metric | tornado-sse | FastAPI peer | ours/peer |",
+def table(runs: dict[str, dict[str, list[dict[str, Any]]]], chosen: dict[str, Scenario],
+          sides: tuple[str, ...] = SIDES[:2]) -> str:
+    """The first two sides chosen, side by side: tornado-sse and the peer, or the two stores."""
+    names = {"tornado-sse": "tornado-sse", "fastapi-peer": "FastAPI peer", "tornado-sse-redis": "--store redis"}
+    head = [f"| scenario | metric | {names[sides[0]]} | {names[sides[1]]} | ratio |",
             "| --- | --- | ---: | ---: | ---: |"]
     ctx = ["| scenario | side | " + " | ".join(label for _, label in CONTEXT) + " |",
            "| --- | --- |" + " ---: |" * len(CONTEXT)]
     for name, s in chosen.items():
         per_side = runs.get(name, {})
         for key, label, better in ROWS[name]:
-            ours = median([r.get(key) for r in per_side.get(SIDES[0], [])])
-            peer = median([r.get(key) for r in per_side.get(SIDES[1], [])])
+            ours = median([r.get(key) for r in per_side.get(sides[0], [])])
+            peer = median([r.get(key) for r in per_side.get(sides[1], [])])
             ratio = f"{ours / peer:.2f}" if ours is not None and peer else "-"
             arrow = {"lower": " (lower is better)", "higher": " (higher is better)"}.get(better, "")
             head.append(f"| {s.title} | {label}{arrow} | {fmt(ours)} | {fmt(peer)} | {ratio} |")
-        for side in SIDES:
+        for side in sides:
             values = [fmt(median([r.get(k) for r in per_side.get(side, [])])) for k, _ in CONTEXT]
             ctx.append(f"| {name} | {side} | " + " | ".join(values) + " |")
     return "\n".join(head) + "\n\nContext (medians; CPU % is of one core over the scenario):\n\n" + "\n".join(ctx)
@@ -156,6 +172,8 @@ def main() -> None:
     p.add_argument("--side", action="append", choices=SIDES, default=[], help="only this side")
     p.add_argument("--latency-limit-ms", type=float, default=50.0, help="saturation: p99 limit")
     p.add_argument("--code", default=None, help="benchmark this git revision instead of the work tree")
+    p.add_argument("--tornado-flags", default="", help="extra flags for the tornado-sse sides, "
+                   "e.g. \"--resume-grace 30\" (the Redis store shares frames only with a grace)")
     args = p.parse_args()
     procs.raise_nofile()
     every = scenarios(args.quick)
@@ -163,7 +181,7 @@ def main() -> None:
     if unknown:
         p.error(f"unknown scenario {unknown}; choose from {', '.join(every)}")
     chosen = {n: every[n] for n in (args.scenario or every)}
-    sides = [s for s in SIDES if not args.side or s in args.side]
+    sides = [s for s in SIDES[:2] if not args.side] or [s for s in SIDES if s in args.side]
     n_runs = args.runs or (1 if args.quick else 3)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logs = RESULTS / f"logs-{stamp}"
@@ -177,7 +195,7 @@ def main() -> None:
             for side in (sides if i % 2 == 0 else sides[::-1]):  # alternate who goes first
                 t = time.monotonic()
                 try:
-                    r = measure(s, side, logs, args.latency_limit_ms, env)
+                    r = measure(s, side, logs, args.latency_limit_ms, env, args.tornado_flags.split())
                     runs.setdefault(name, {}).setdefault(side, []).append(r)
                 except Exception as exc:  # one broken measurement must not lose the others
                     errors.append(f"run {i + 1} {name} {side}: {type(exc).__name__}: {exc}")
@@ -185,8 +203,8 @@ def main() -> None:
                       file=sys.stderr, flush=True)
                 out.write_text(json.dumps({"args": vars(args), "code": code, "runs": runs,
                                            "errors": errors}, indent=1))
-    print(f"## tornado-sse vs FastAPI + sse-starlette (median of {n_runs} run(s); {code})\n")
-    print(table(runs, chosen))
+    print(f"## {' vs '.join(sides)} (median of {n_runs} run(s); {code})\n")
+    print(table(runs, chosen, tuple(sides) if len(sides) >= 2 else (sides[0], sides[0])))
     for e in errors:
         print(f"\n- ERROR {e}")
     print(f"\nAll numbers: {out.relative_to(procs.ROOT)}; process logs: {logs.relative_to(procs.ROOT)}/")

@@ -83,7 +83,8 @@ ROWS: dict[str, list[tuple[str, str, str]]] = {
 }
 ROWS["steady500"] = ROWS["steady100"]
 CONTEXT = [("server_cpu_pct", "server CPU %"), ("upstream_cpu_pct", "upstream CPU %"),
-           ("loadgen_cpu_pct", "loadgen CPU %"), ("loadgen_lag_p99_ms", "loadgen loop lag p99 (ms)")]
+           ("loadgen_cpu_pct", "loadgen CPU %"), ("loadgen_lag_p99_ms", "loadgen loop lag p99 (ms)"),
+           ("store_cpu_pct", "redis-server CPU %")]
 
 
 def metrics(s: Scenario, lg: dict[str, Any], m: dict[str, Any], upstream: dict[str, Any]) -> dict[str, Any]:
@@ -99,6 +100,7 @@ def metrics(s: Scenario, lg: dict[str, Any], m: dict[str, Any], upstream: dict[s
         "upstream_cpu_pct": 100 * m["upstream_cpu_s"] / wall,
         "loadgen_cpu_pct": 100 * m["loadgen_cpu_s"] / wall,
         "loadgen_lag_p99_ms": lg["loop_lag_ms"]["p99"],
+        "store_cpu_pct": 100 * m["store_cpu_s"] / wall if m.get("store_cpu_s") is not None else None,
     }
     if s.steps:
         steps = lg["steps"]

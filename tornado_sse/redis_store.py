@@ -43,6 +43,7 @@ PREFIX = "tornado-sse:"
 CONTROL = PREFIX + "control"
 ALIVE_TTL_MS = 3000  # a follower notices a dead producer 3 to 4 s after its last heartbeat
 HEARTBEAT = 1.0  # seconds between pings (health) and heartbeats (streams produced here)
+KEEP_MS = 3000  # a running stream's keys expire this long after the grace, unless refreshed
 BLOCK_MS = 1000  # a follower's XREAD BLOCK; below the socket timeout
 MAX_PENDING = 100_000  # frames queued for Redis at most; past it (Redis slow or down) they are dropped
 
@@ -76,6 +77,18 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+# A batch's frames in one command: one XADD per frame inside Redis, instead of a command each to
+# pack and a reply each to parse in Python (measured: 93 -> see README's Performance, per token).
+# MAXLEN ~ lets Redis trim whole macro nodes, cheaply (redis.io, XADD). pcall: an id below the
+# stream's last (never expected) skips that frame rather than the rest.
+FRAMES_SCRIPT = """
+for i = 1, #KEYS do
+  redis.pcall('XADD', KEYS[i], 'MAXLEN', '~', ARGV[1], '0-' .. ARGV[2 * i], 'f', ARGV[2 * i + 1])
+end
+return #KEYS
+"""
+
+
 class RemoteReader:
     """Stands in, on the producer, for a reader following from another instance: it keeps the
     resume grace from aborting the generation. The frames reach that reader through Redis."""
@@ -105,6 +118,7 @@ class RedisStore:
             settings.store, password=password, socket_timeout=BLOCK_MS / 1000 + 1.0,
             socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1))
         self.rate = self.redis.register_script(RATE_SCRIPT)
+        self.add_frames = self.redis.register_script(FRAMES_SCRIPT)
         self.shares_frames = settings.resume_grace > 0  # without a grace nobody can come back
         self._up = False
         self._local: dict[str, Stream] = {}  # streams produced here, by id
@@ -113,6 +127,7 @@ class RedisStore:
         self._scheduled = False
         self._writing: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
         self.dropped = 0
 
     @property
@@ -138,9 +153,13 @@ class RedisStore:
         self._flush()
         if self._writing is not None:
             await asyncio.wait([self._writing], timeout=2.0)
+        # The listener ends by itself within a second: a cancel can be lost inside redis-py's
+        # PubSub.get_message (seen with redis-py 8.1: the task stayed "cancelling" for good).
+        self._closing = True
+        self._tasks[0].cancel()
+        await asyncio.wait(self._tasks, timeout=2.0)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.redis.aclose()
 
     # -- conversations and the rate ----------------------------------------------------------------
@@ -213,25 +232,33 @@ class RedisStore:
             self._writing = asyncio.ensure_future(self._write(batch))
 
     async def _write(self, batch: list[tuple[str, str, int, bytes]]) -> None:
-        ms = round(self.settings.resume_grace * 1000)
+        grace = round(self.settings.resume_grace * 1000)
+        maxlen = self.settings.resume_buffer
         pipe = self.redis.pipeline(transaction=False)
-        touched: set[str] = set()
+        keys: list[str] = []
+        args: list[int | bytes] = [maxlen]
         for kind, id, seq, frame in batch:
+            if kind == "f":
+                keys.append(PREFIX + "frames:" + id)
+                args += (seq, frame)
+                continue
+            if keys:  # the frames so far go before this entry, in order
+                await self.add_frames(keys=keys, args=args, client=pipe)  # queued: sent by execute()
+                keys, args = [], [maxlen]
             frames, meta, alive = (PREFIX + "frames:" + id, PREFIX + "stream:" + id,
                                    PREFIX + "alive:" + id)
-            if kind == "start":
+            if kind == "start":  # the frames key's expiry is refreshed by the heartbeat
                 pipe.hset(meta, mapping={"owner": frame})
+                pipe.pexpire(meta, grace + KEEP_MS)
                 pipe.set(alive, 1, px=ALIVE_TTL_MS)
-            elif kind == "f":
-                pipe.xadd(frames, {"f": frame}, id=f"0-{seq}", maxlen=self.settings.resume_buffer)
-            else:  # "end" or "lost": the last entry, then the heartbeat goes
-                pipe.xadd(frames, {kind: 1}, id=f"0-{seq}", maxlen=self.settings.resume_buffer)
+            else:  # "end" or "lost": the last entry; the heartbeat goes; the grace starts
+                pipe.xadd(frames, {kind: 1}, id=f"0-{seq}", maxlen=maxlen)
                 pipe.hset(meta, "done", 1)
                 pipe.delete(alive)
-            touched.add(id)
-        for id in touched:  # expire the grace after the last write
-            pipe.pexpire(PREFIX + "frames:" + id, ms)
-            pipe.pexpire(PREFIX + "stream:" + id, ms)
+                pipe.pexpire(frames, grace)
+                pipe.pexpire(meta, grace)
+        if keys:
+            await self.add_frames(keys=keys, args=args, client=pipe)  # queued: sent by execute()
         try:
             # raise_on_error=False: one refused entry (an id below a trimmed one) must not fail the rest
             await pipe.execute(raise_on_error=False)
@@ -252,8 +279,12 @@ class RedisStore:
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.ping()
                 if self.shares_frames:
+                    keep = round(self.settings.resume_grace * 1000) + KEEP_MS
                     for id in self._local:
                         pipe.set(PREFIX + "alive:" + id, 1, px=ALIVE_TTL_MS)
+                        # While it runs its frames outlive a producer's death by the grace.
+                        pipe.pexpire(PREFIX + "frames:" + id, keep)
+                        pipe.pexpire(PREFIX + "stream:" + id, keep)
                 await pipe.execute()
                 if not self._up:
                     log.info("store %s answers again", redacted(self.settings.store))
@@ -265,12 +296,12 @@ class RedisStore:
         """Stop, attach and detach from other instances. A new PubSub after each failure: redis-py's
         asyncio PubSub does not reconnect a closed connection by itself (redis/redis-py#2089)."""
         backoff = 0.1
-        while True:
+        while not self._closing:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(CONTROL)
                 backoff = 0.1
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None:
                         self._control(message["data"])
