@@ -43,7 +43,11 @@ PREFIX = "tornado-sse:"
 CONTROL = PREFIX + "control"
 ALIVE_TTL_MS = 3000  # a follower notices a dead producer 3 to 4 s after its last heartbeat
 HEARTBEAT = 1.0  # seconds between pings (health) and heartbeats (streams produced here)
-KEEP_MS = 3000  # a running stream's keys expire this long after the grace, unless refreshed
+KEEP_MS = 3000
+# Writes start at most this often: a quiet stream's frame goes at the end of its loop iteration,
+# a busy server's frames in one batch per interval. At 100 streams x 50 tok/s, one write per loop
+# iteration cost 1.37x the memory store's CPU per token, one per 5 ms 1.25x (bench/run.py, README).
+FLUSH_INTERVAL = 0.005  # a running stream's keys expire this long after the grace, unless refreshed
 BLOCK_MS = 1000  # a follower's XREAD BLOCK; below the socket timeout
 MAX_PENDING = 100_000  # frames queued for Redis at most; past it (Redis slow or down) they are dropped
 
@@ -78,7 +82,9 @@ def redacted(url: str) -> str:
 
 
 # A batch's frames in one command: one XADD per frame inside Redis, instead of a command each to
-# pack and a reply each to parse in Python (measured: 93 -> see README's Performance, per token).
+# pack and a reply each to parse in Python. EVAL with the text, not a registered Script: in a
+# pipeline redis-py's Script sends SCRIPT EXISTS first, a second round trip per batch; Redis
+# compiles the text once and keeps it by its SHA1 (redis.io, EVAL).
 # MAXLEN ~ lets Redis trim whole macro nodes, cheaply (redis.io, XADD). pcall: an id below the
 # stream's last (never expected) skips that frame rather than the rest.
 FRAMES_SCRIPT = """
@@ -118,13 +124,13 @@ class RedisStore:
             settings.store, password=password, socket_timeout=BLOCK_MS / 1000 + 1.0,
             socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1))
         self.rate = self.redis.register_script(RATE_SCRIPT)
-        self.add_frames = self.redis.register_script(FRAMES_SCRIPT)
         self.shares_frames = settings.resume_grace > 0  # without a grace nobody can come back
         self._up = False
         self._local: dict[str, Stream] = {}  # streams produced here, by id
         self._remote: dict[str, RemoteReader] = {}
         self._pending: list[tuple[str, str, int, bytes]] = []  # (kind, stream id, seq, frame)
         self._scheduled = False
+        self._last_write = 0.0  # loop time the last write started
         self._writing: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -210,8 +216,7 @@ class RedisStore:
             return
         self._pending.append(("f", stream.id, stream.seq, frame))
         if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._schedule()
 
     def started(self, stream: Stream) -> None:
         self._local[stream.id] = stream
@@ -225,10 +230,16 @@ class RedisStore:
             self._pending.append(("end" if stream.done else "lost", stream.id, stream.seq + 1, b""))
             self._flush()
 
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._scheduled = True
+        loop.call_at(max(loop.time(), self._last_write + FLUSH_INTERVAL), self._flush)
+
     def _flush(self) -> None:
         self._scheduled = False
         if self._writing is None and self._pending:
             batch, self._pending = self._pending, []
+            self._last_write = asyncio.get_running_loop().time()
             self._writing = asyncio.ensure_future(self._write(batch))
 
     async def _write(self, batch: list[tuple[str, str, int, bytes]]) -> None:
@@ -243,7 +254,7 @@ class RedisStore:
                 args += (seq, frame)
                 continue
             if keys:  # the frames so far go before this entry, in order
-                await self.add_frames(keys=keys, args=args, client=pipe)  # queued: sent by execute()
+                pipe.eval(FRAMES_SCRIPT, len(keys), *keys, *args)
                 keys, args = [], [maxlen]
             frames, meta, alive = (PREFIX + "frames:" + id, PREFIX + "stream:" + id,
                                    PREFIX + "alive:" + id)
@@ -258,7 +269,7 @@ class RedisStore:
                 pipe.pexpire(frames, grace)
                 pipe.pexpire(meta, grace)
         if keys:
-            await self.add_frames(keys=keys, args=args, client=pipe)  # queued: sent by execute()
+            pipe.eval(FRAMES_SCRIPT, len(keys), *keys, *args)
         try:
             # raise_on_error=False: one refused entry (an id below a trimmed one) must not fail the rest
             await pipe.execute(raise_on_error=False)
@@ -267,8 +278,8 @@ class RedisStore:
             self.dropped += len(batch)
         finally:
             self._writing = None
-        if self._pending:
-            self._flush()
+        if self._pending and not self._scheduled:
+            self._schedule()
 
     # -- health, heartbeats, control -----------------------------------------------------------------
 
