@@ -1,0 +1,237 @@
+"""Streams across instances, on Redis: the producer's side (`FrameWriter`: each frame queued, the
+queue written in batches, never awaited by a frame) and a reader's side on another instance
+(`Follower`: the frames it missed, then live ones, and the end even when the producer died).
+
+    tornado-sse:stream:<id>   a hash: the stream's owner, and `done` once it ended
+    tornado-sse:frames:<id>   a Redis Stream of the frames, entry id 0-<seq> (the frame's own
+                              <stream>.<seq>), MAXLEN ~ --resume-buffer, expiring --resume-grace
+                              after the end; a last entry `end` (or `lost`) closes it
+    tornado-sse:alive:<id>    the producer's heartbeat: PX ALIVE_TTL_MS, refreshed every second
+    tornado-sse:control       pub/sub: "stop <id>", "attach <id>", "detach <id>" to the producer
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .settings import Settings
+from .store import PRODUCER_LOST, STORE_DOWN, StoreError
+
+if TYPE_CHECKING:
+    from .streams import Stream
+
+PREFIX = "tornado-sse:"
+CONTROL = PREFIX + "control"
+ALIVE_TTL_MS = 3000  # a follower notices a dead producer 3 to 4 s after its last heartbeat
+KEEP_MS = 3000  # a running stream's keys expire this long after the grace, unless refreshed
+# Writes start at most this often: a quiet stream's frame goes at the end of its loop iteration,
+# a busy server's frames in one batch per interval. At 100 streams x 50 tok/s, one write per loop
+# iteration cost 1.37x the memory store's CPU per token, one per 5 ms 1.25x (bench/run.py, README).
+FLUSH_INTERVAL = 0.005
+BLOCK_MS = 1000  # a follower's XREAD BLOCK; below the socket timeout
+MAX_PENDING = 100_000  # frames queued for Redis at most; past it (Redis slow or down) they are dropped
+
+# A batch's frames in one command: one XADD per frame inside Redis, instead of a command each to
+# pack and a reply each to parse in Python. EVAL with the text, not a registered Script: in a
+# pipeline redis-py's Script sends SCRIPT EXISTS first, a second round trip per batch; Redis
+# compiles the text once and keeps it by its SHA1 (redis.io, EVAL).
+# MAXLEN ~ lets Redis trim whole macro nodes, cheaply (redis.io, XADD). pcall: an id below the
+# stream's last (never expected) skips that frame rather than the rest.
+FRAMES_SCRIPT = """
+for i = 1, #KEYS do
+  redis.pcall('XADD', KEYS[i], 'MAXLEN', '~', ARGV[1], '0-' .. ARGV[2 * i], 'f', ARGV[2 * i + 1])
+end
+return #KEYS
+"""
+
+OnError = Callable[[BaseException], None]  # the store marks itself down
+
+
+class FrameWriter:
+    """The producer's frames, queued per token and written in batches."""
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings, on_error: OnError):
+        self.redis = redis
+        self.grace_ms = round(settings.resume_grace * 1000)
+        self.maxlen = settings.resume_buffer
+        self.on_error = on_error
+        self._pending: list[tuple[str, str, int, bytes]] = []  # (kind, stream id, seq, frame)
+        self._scheduled = False
+        self._last_write = 0.0  # loop time the last write started
+        self._writing: asyncio.Task[None] | None = None
+        self.dropped = 0
+
+    def share(self, stream: Stream, frame: bytes) -> None:
+        """The per-token path: queue the frame, no await."""
+        if len(self._pending) >= MAX_PENDING:
+            self.dropped += 1
+            return
+        self._pending.append(("f", stream.id, stream.seq, frame))
+        if not self._scheduled:
+            self._schedule()
+
+    def started(self, stream: Stream) -> None:
+        self._pending.append(("start", stream.id, 0, stream.owner.encode()))
+        if not self._scheduled:
+            self._schedule()
+
+    def finished(self, stream: Stream) -> None:
+        self._pending.append(("end" if stream.done else "lost", stream.id, stream.seq + 1, b""))
+        self._flush()
+
+    async def close(self) -> None:
+        self._flush()
+        if self._writing is not None:
+            await asyncio.wait([self._writing], timeout=2.0)
+
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._scheduled = True
+        loop.call_at(max(loop.time(), self._last_write + FLUSH_INTERVAL), self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._writing is None and self._pending:
+            batch, self._pending = self._pending, []
+            self._last_write = asyncio.get_running_loop().time()
+            self._writing = asyncio.ensure_future(self._write(batch))
+
+    async def _write(self, batch: list[tuple[str, str, int, bytes]]) -> None:
+        grace, maxlen = self.grace_ms, self.maxlen
+        pipe = self.redis.pipeline(transaction=False)
+        keys: list[str] = []
+        args: list[int | bytes] = [maxlen]
+        for kind, id, seq, frame in batch:
+            if kind == "f":
+                keys.append(PREFIX + "frames:" + id)
+                args += (seq, frame)
+                continue
+            if keys:  # the frames so far go before this entry, in order
+                pipe.eval(FRAMES_SCRIPT, len(keys), *keys, *args)
+                keys, args = [], [maxlen]
+            frames, meta, alive = (PREFIX + "frames:" + id, PREFIX + "stream:" + id,
+                                   PREFIX + "alive:" + id)
+            if kind == "start":  # the frames key's expiry is refreshed by the heartbeat
+                pipe.hset(meta, mapping={"owner": frame})
+                pipe.pexpire(meta, grace + KEEP_MS)
+                pipe.set(alive, 1, px=ALIVE_TTL_MS)
+            else:  # "end" or "lost": the last entry; the heartbeat goes; the grace starts
+                pipe.xadd(frames, {kind: 1}, id=f"0-{seq}", maxlen=maxlen)
+                pipe.hset(meta, "done", 1)
+                pipe.delete(alive)
+                pipe.pexpire(frames, grace)
+                pipe.pexpire(meta, grace)
+        if keys:
+            pipe.eval(FRAMES_SCRIPT, len(keys), *keys, *args)
+        try:
+            # raise_on_error=False: one refused entry (an id below a trimmed one) must not fail the rest
+            await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            self.on_error(exc)
+            self.dropped += len(batch)
+        finally:
+            self._writing = None
+        if self._pending and not self._scheduled:
+            self._schedule()
+
+    def heartbeat(self, pipe: Any, ids: list[str]) -> None:
+        """Queue on `pipe` what keeps the streams produced here alive (every HEARTBEAT)."""
+        keep = self.grace_ms + KEEP_MS
+        for id in ids:
+            pipe.set(PREFIX + "alive:" + id, 1, px=ALIVE_TTL_MS)
+            # While it runs its frames outlive a producer's death by the grace.
+            pipe.pexpire(PREFIX + "frames:" + id, keep)
+            pipe.pexpire(PREFIX + "stream:" + id, keep)
+
+
+class RemoteReader:
+    """Stands in, on the producer, for a reader following from another instance: it keeps the
+    resume grace from aborting the generation. The frames reach that reader through Redis."""
+
+    async def send(self, frame: bytes) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def drop(self) -> None:
+        pass
+
+
+class Follower:
+    """A reader here of a stream another instance produces: what it missed, then live frames."""
+
+    def __init__(self, redis: aioredis.Redis, on_error: OnError, stream_id: str):
+        self.redis = redis
+        self.on_error = on_error
+        self.id = stream_id
+        self.key = PREFIX + "frames:" + stream_id
+        self.last = 0
+        self.ended = False  # its end frame was read
+        self.lost = False  # its producer ended it without one (its task was cut short)
+
+    async def backlog(self, after: int) -> list[bytes] | None:
+        """The frames after seq `after`, or None when they are no longer all there (trimmed)."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xrange(self.key, "-", "+", count=1)
+            pipe.xrange(self.key, f"0-{after + 1}", "+")
+            first, entries = await pipe.execute()
+            if first and _seq(first[0][0]) > after + 1:
+                return None
+            await self.redis.publish(CONTROL, "attach " + self.id)  # the producer's grace stops
+        except (RedisError, OSError) as exc:
+            self.on_error(exc)
+            return None
+        self.last = after
+        return self._take(entries)
+
+    def _take(self, entries: list[Any]) -> list[bytes]:
+        frames = []
+        for entry_id, fields in entries:
+            if b"f" not in fields:
+                self.ended = b"end" in fields
+                self.lost = not self.ended
+                break
+            self.last = _seq(entry_id)
+            frames.append(fields[b"f"])
+        return frames
+
+    async def live(self) -> AsyncIterator[list[bytes]]:
+        """Batches of frames as the producer writes them; StoreError when it died or Redis did."""
+        redis = self.redis
+        while not self.ended:
+            if self.lost:
+                raise StoreError(PRODUCER_LOST)
+            result: Any  # RESP2's reply: [[key, [(entry id, fields), ...]]]
+            try:
+                result = await redis.xread({self.key: f"0-{self.last}"}, count=1000, block=BLOCK_MS)
+                if not result and not await redis.exists(PREFIX + "alive:" + self.id):
+                    result = await redis.xread({self.key: f"0-{self.last}"}, count=1000)
+                    if not result:  # no heartbeat and nothing more: the producer is gone
+                        raise StoreError(PRODUCER_LOST)
+            except (RedisError, OSError) as exc:
+                self.on_error(exc)
+                raise StoreError(STORE_DOWN) from None
+            if result:
+                yield self._take(result[0][1])
+
+    def detach(self) -> None:
+        """This reader left: the producer's grace starts (fire and forget)."""
+        if not self.ended and not self.lost:
+            asyncio.ensure_future(self._publish("detach " + self.id))
+
+    async def _publish(self, message: str) -> None:
+        try:
+            await self.redis.publish(CONTROL, message)
+        except (RedisError, OSError) as exc:
+            self.on_error(exc)
+
+
+def _seq(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-")[1])
