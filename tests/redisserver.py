@@ -23,6 +23,11 @@ def redis_server_path() -> str:
     return path
 
 
+def _version() -> int:
+    out = subprocess.run([redis_server_path(), "--version"], capture_output=True, text=True).stdout
+    return int(out.split("v=", 1)[1].split(".", 1)[0])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -33,8 +38,9 @@ class RedisServer:
     """One redis-server process, without persistence; `kill()` and `start()` again on the same
     port to take it away and bring it back."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, password: str | None = None):
         self.port = port or free_port()
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -44,7 +50,10 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [redis_server_path(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--loglevel", "warning"],
+             "--appendonly", "no", "--loglevel", "warning",
+             # DEBUG SLEEP makes it slow in a test; Redis 7 refuses DEBUG unless enabled
+             *(["--enable-debug-command", "local"] if _version() >= 7 else []),
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while True:
@@ -52,12 +61,18 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):  # it answers
                         return
             except OSError:
                 pass
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.05)
+
+    def command(self, *args: str) -> None:
+        """Send one command and do not wait for its answer (DEBUG SLEEP makes Redis slow)."""
+        auth = f"AUTH {self.password}\r\n" if self.password else ""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall((auth + " ".join(args) + "\r\n").encode())
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -257,3 +258,54 @@ async def test_a_server_started_while_redis_is_unreachable_serves_503_until_it_a
             assert (await ask(a, "question=q", headers=OWNER)).text == "ok"
     finally:
         redis.kill()
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_a_slow_redis_gives_503_within_seconds_while_a_local_stream_goes_on(settings, fake, redis):
+    fake.script = Script(tokens=60, token_delay=0.05)
+    async with instance(shared(settings, redis.url)) as (a, registry):
+        reader, writer = await open_raw(int(a.rsplit(":", 1)[1]), "/ask?question=q", OWNER)
+        await read_until(reader, b"event: update")
+        redis.command("DEBUG", "SLEEP", "8")  # Redis answers nothing for 8 s
+        slow = time.monotonic()
+        await eventually(lambda: not registry.store.up, timeout=8)
+        assert time.monotonic() - slow < 5  # the heartbeat's command timed out (2 s), not 8 s
+        refused = await ask(a, "question=q2", headers=OWNER, timeout=20)
+        assert refused.status == 503 and json.loads(refused.body)["error"]["code"] == "store_unavailable"
+        rest = await read_until(reader, b"<END_STREAMING_SSE>")
+        assert rest.count(b"event: update") >= 59 and b"event: error" not in rest
+        writer.close()
+        await eventually(lambda: registry.store.up, timeout=15)
+        fake.script = Script(deltas=["ok"])
+        assert (await ask(a, "question=q3", headers=OWNER)).text == "ok"
+
+
+async def test_the_password_comes_from_the_url_or_the_environment_and_is_never_logged(settings, caplog):
+    caplog.set_level(logging.INFO)
+    password = "s3cret-redis-Passw0rd-9x"
+    server = RedisServer(password=password)
+    server.start()
+    try:
+        url = f"redis://127.0.0.1:{server.port}/0"
+        for store_settings in (shared(settings, url, store_password=password),
+                               shared(settings, f"redis://:{password}@127.0.0.1:{server.port}/0")):
+            store = make_store(store_settings)
+            await store.start()
+            try:
+                assert store.up and await store.take("10.0.0.9") == 0.0
+            finally:
+                await store.close()
+        store = make_store(shared(settings, url))  # no password: Redis refuses, the server says so
+        await store.start()
+        assert not store.up
+        await store.close()
+    finally:
+        server.kill()
+    assert password not in caplog.text and "***" in caplog.text
+
+
+def test_a_store_url_is_logged_without_its_password() -> None:
+    from tornado_sse.redis_store import redacted
+    assert redacted("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
+    assert redacted("rediss://user:pw@h/1") == "rediss://user:***@h/1"
+    assert redacted("redis://h:6379/0") == "redis://h:6379/0"
