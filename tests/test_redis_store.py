@@ -9,6 +9,8 @@ import asyncio
 import dataclasses
 import json
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -20,7 +22,8 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado_sse.app import make_app, make_server
 from tornado_sse.backend import OpenAIBackend
 from tornado_sse.conversations import Turn
-from tornado_sse.demo import FakeUpstream, Script
+from tornado_sse.demo import Script
+from tornado_sse.redis_store import redacted
 from tornado_sse.settings import Settings, SettingsError
 from tornado_sse.store import MemoryStore, Store, make_store
 from tornado_sse.streams import StreamRegistry
@@ -28,6 +31,8 @@ from tornado_sse.streams import StreamRegistry
 from .conftest import OWNER
 from .redisserver import RedisServer, redis_server
 from .sseclient import ask, open_raw, parse_events, read_until
+from .test_access import TOKEN, sign_in
+from .test_cli import CLEAN_ENV
 from .test_public import _events_with_ids
 
 pytestmark = pytest.mark.gen_test
@@ -305,7 +310,23 @@ async def test_the_password_comes_from_the_url_or_the_environment_and_is_never_l
 
 
 def test_a_store_url_is_logged_without_its_password() -> None:
-    from tornado_sse.redis_store import redacted
     assert redacted("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
     assert redacted("rediss://user:pw@h/1") == "rediss://user:***@h/1"
     assert redacted("redis://h:6379/0") == "redis://h:6379/0"
+
+
+async def test_a_sign_in_on_one_instance_is_valid_on_another_with_the_shared_secret(settings, fake, redis):
+    fake.script = Script(deltas=["ok"])
+    signed = shared(settings, redis.url, access_token=TOKEN)
+    async with instance(signed) as (a, _), instance(signed) as (b, _):
+        cookie = await sign_in(a)
+        answer = await ask(b, "question=q", headers={"Cookie": cookie + "; " + OWNER["Cookie"]})
+        assert answer.status == 200 and answer.text == "ok"
+        assert (await ask(b, "question=q", headers=OWNER)).status == 401  # it is the cookie
+
+
+def test_the_server_refuses_to_start_on_redis_without_a_shared_session_secret() -> None:
+    run = subprocess.run([sys.executable, "-m", "tornado_sse", "--store", "redis://127.0.0.1:1/0"],
+                         capture_output=True, text=True, env=CLEAN_ENV, timeout=30)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "invalid --session-secret" in run.stderr and "shared by every instance" in run.stderr
