@@ -330,3 +330,25 @@ def test_the_server_refuses_to_start_on_redis_without_a_shared_session_secret() 
                          capture_output=True, text=True, env=CLEAN_ENV, timeout=30)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "invalid --session-secret" in run.stderr and "shared by every instance" in run.stderr
+
+
+async def test_signing_out_on_one_instance_ends_the_session_on_the_others(settings, fake, redis):
+    fake.script = Script(deltas=["ok"])
+    signed = shared(settings, redis.url, access_token=TOKEN)
+    async with instance(signed) as (a, _), instance(signed) as (b, _):
+        cookie = {"Cookie": (await sign_in(a)) + "; " + OWNER["Cookie"]}
+        assert (await ask(b, "question=q", headers=cookie)).status == 200
+        out = await AsyncHTTPClient().fetch(a + "/logout", method="POST", body=b"", headers=cookie,
+                                            follow_redirects=False, raise_error=False)
+        assert out.code == 303
+        statuses: list[int] = []
+
+        async def refused_on_b() -> bool:
+            statuses.append((await ask(b, "question=q", headers=cookie)).status)
+            return statuses[-1] == 401
+        deadline = time.monotonic() + 5
+        while not await refused_on_b():
+            assert time.monotonic() < deadline, statuses
+            await asyncio.sleep(0.05)
+        async with instance(signed) as (c, _):  # an instance started after the sign-out knows it
+            assert (await ask(c, "question=q", headers=cookie)).status == 401

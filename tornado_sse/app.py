@@ -49,7 +49,9 @@ def make_app(settings: Settings, backend: Backend) -> tornado.web.Application:
                               pad_frames=settings.pad_frames)
     metrics = Metrics(registry)
     registry.on_finish.append(StreamSummary(settings.log_content))
-    common = {"settings": settings, "gate": Gate(settings.session_max_age)}
+    gate = Gate(settings.session_max_age)
+    store.watch_sessions(gate)
+    common = {"settings": settings, "gate": gate}
     return tornado.web.Application(
         [
             (r"/", PageHandler, {**common, "backend": backend}),

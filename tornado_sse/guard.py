@@ -108,10 +108,13 @@ class Gate:
         self._max_revoked = max_revoked
         self._clock = clock
         self._revoked: OrderedDict[str, float] = OrderedDict()  # session id -> when revoked
+        self.on_revoke: list[Callable[[str], None]] = []  # a shared store tells other instances
 
-    def revoke(self, session: str) -> None:
+    def revoke(self, session: str, *, tell: bool = True) -> None:
         self._revoked[session] = self._clock()
         self._forget_old()
+        for callback in self.on_revoke if tell else ():
+            callback(session)
 
     def revoked(self, session: str) -> bool:
         self._forget_old()

@@ -23,7 +23,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .conversations import Conversation, Turn, add_turn
-from .guard import new_id
+from .guard import Gate, new_id
 from .settings import Settings
 from .redis_frames import BLOCK_MS, CONTROL, PREFIX, Follower, FrameWriter, RemoteReader
 from .store import STORE_DOWN, StoreError
@@ -88,6 +88,7 @@ class RedisStore:
         self.share = self.writer.share  # the per-token path: no call in between
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._gate: Gate | None = None
 
     @property
     def up(self) -> bool:
@@ -103,6 +104,7 @@ class RedisStore:
             await self.redis.ping()
             self._up = True
             log.info("store: %s", redacted(self.settings.store))
+            await self._load_revoked()
         except (RedisError, OSError) as exc:
             log.warning("store %s unreachable at start-up (%s): new questions get 503 until it "
                         "answers", redacted(self.settings.store), exc)
@@ -159,6 +161,32 @@ class RedisStore:
             raise StoreError(STORE_DOWN) from None
         return float(wait)
 
+    # -- sign-outs ------------------------------------------------------------------------------------
+
+    def watch_sessions(self, gate: Gate) -> None:
+        """A sign-out on any instance ends the session on all: a key for instances that start
+        later (expiring with the cookie's max age), and a message for the running ones."""
+        self._gate = gate
+        gate.on_revoke.append(self._share_revoked)
+
+    def _share_revoked(self, session: str) -> None:
+        asyncio.ensure_future(self._revoke(session))
+
+    async def _revoke(self, session: str) -> None:
+        try:
+            await self.redis.set(PREFIX + "revoked:" + session, 1,
+                                 ex=max(1, round(self.settings.session_max_age)))
+            await self.redis.publish(CONTROL, "revoke " + session)
+        except (RedisError, OSError) as exc:
+            self._down(exc)
+            log.warning("a sign-out could not be shared: the store is unreachable")
+
+    async def _load_revoked(self) -> None:
+        if self._gate is None:
+            return
+        async for key in self.redis.scan_iter(match=PREFIX + "revoked:*", count=1000):
+            self._gate.revoke(key.decode().rsplit(":", 1)[1], tell=False)
+
     # -- streams other instances read --------------------------------------------------------------
 
     def started(self, stream: Stream) -> None:
@@ -185,6 +213,7 @@ class RedisStore:
                 await pipe.execute()
                 if not self._up:
                     log.info("store %s answers again", redacted(self.settings.store))
+                    await self._load_revoked()  # sign-outs made while it was out of reach
                 self._up = True
             except (RedisError, OSError) as exc:
                 self._down(exc)
@@ -214,6 +243,9 @@ class RedisStore:
 
     def _control(self, data: bytes) -> None:
         command, _, id = data.decode("ascii", "replace").partition(" ")
+        if command == "revoke" and self._gate is not None:
+            self._gate.revoke(id, tell=False)
+            return
         stream = self._local.get(id)
         if stream is None:
             return

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .conversations import Conversation, ConversationStore, Turn
 from .errors import Failure
-from .guard import RateLimiter
+from .guard import Gate, RateLimiter
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -66,6 +66,8 @@ class Store(Protocol):
 
     async def take(self, client: str) -> float: ...  # the rate limit: 0, or seconds to wait
 
+    def watch_sessions(self, gate: Gate) -> None: ...  # sign-outs reach every instance
+
     # Streams other instances may read or stop. `share` is on the per-token path: it never awaits.
     shares_frames: bool
 
@@ -111,6 +113,9 @@ class MemoryStore:
 
     async def take(self, client: str) -> float:
         return self.limiter.take(client)
+
+    def watch_sessions(self, gate: Gate) -> None:
+        pass
 
     def share(self, stream: Stream, frame: bytes) -> None:
         pass
