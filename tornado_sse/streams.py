@@ -125,7 +125,7 @@ class Stream:
         else:
             self.outcome = "done"
             await self.emit("finish", finish_data(self.finish or Finish("stop")))
-        if self.registry.store.shares_frames:
+        if self.registry.store.name != "memory":
             # Before the end frame: a follow-up sent the moment it arrives may reach another
             # instance, which must already see this turn.
             await self.registry.keep_turn(self)
