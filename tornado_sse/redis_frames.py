@@ -2,11 +2,13 @@
 queue written in batches, never awaited by a frame) and a reader's side on another instance
 (`Follower`: the frames it missed, then live ones, and the end even when the producer died).
 
-    tornado-sse:stream:<id>   a hash: the stream's owner, and `done` once it ended
+    tornado-sse:stream:<id>   a hash: the stream's owner, its instance, and `done` once it ended
     tornado-sse:frames:<id>   a Redis Stream of the frames, entry id 0-<seq> (the frame's own
                               <stream>.<seq>), MAXLEN ~ --resume-buffer, expiring --resume-grace
                               after the end; a last entry `end` (or `lost`) closes it
-    tornado-sse:alive:<id>    the producer's heartbeat: PX ALIVE_TTL_MS, refreshed every second
+    tornado-sse:alive:<instance>  the producing instance's heartbeat: PX ALIVE_TTL_MS, refreshed
+                              every second (one key per instance, not per stream: a heartbeat per
+                              stream cost a burst of commands every second)
     tornado-sse:control       pub/sub: "stop <id>", "attach <id>", "detach <id>" to the producer
 """
 
@@ -28,7 +30,8 @@ if TYPE_CHECKING:
 PREFIX = "tornado-sse:"
 CONTROL = PREFIX + "control"
 ALIVE_TTL_MS = 3000  # a follower notices a dead producer 3 to 4 s after its last heartbeat
-KEEP_MS = 3000  # a running stream's keys expire this long after the grace, unless refreshed
+KEEP_MS = 30_000  # a running stream's keys expire this long after the grace, unless refreshed
+REFRESH = 10.0  # seconds between those refreshes, with a batch of its frames
 # Writes start at most this often: a quiet stream's frame goes at the end of its loop iteration,
 # a busy server's frames in one batch per interval. At 100 streams x 50 tok/s, one write per loop
 # iteration cost 1.37x the memory store's CPU per token, one per 5 ms 1.25x (bench/run.py, README).
@@ -55,8 +58,10 @@ OnError = Callable[[BaseException], None]  # the store marks itself down
 class FrameWriter:
     """The producer's frames, queued per token and written in batches."""
 
-    def __init__(self, redis: aioredis.Redis, settings: Settings, on_error: OnError):
+    def __init__(self, redis: aioredis.Redis, settings: Settings, on_error: OnError, instance: str):
         self.redis = redis
+        self.instance = instance
+        self._refreshed: dict[str, float] = {}  # stream id -> loop time its keys' expiry was pushed
         self.grace_ms = round(settings.resume_grace * 1000)
         self.maxlen = settings.resume_buffer
         self.on_error = on_error
@@ -103,6 +108,8 @@ class FrameWriter:
 
     async def _write(self, batch: list[tuple[str, str, int, bytes]]) -> None:
         grace, maxlen = self.grace_ms, self.maxlen
+        now = asyncio.get_running_loop().time()
+        refresh: list[str] = []
         pipe = self.redis.pipeline(transaction=False)
         keys: list[str] = []
         args: list[int | bytes] = [maxlen]
@@ -110,24 +117,32 @@ class FrameWriter:
             if kind == "f":
                 keys.append(PREFIX + "frames:" + id)
                 args += (seq, frame)
+                if now - self._refreshed.get(id, now) > REFRESH:
+                    self._refreshed[id] = now
+                    refresh.append(id)
                 continue
             if keys:  # the frames so far go before this entry, in order
                 pipe.eval(FRAMES_SCRIPT, len(keys), *keys, *args)
                 keys, args = [], [maxlen]
-            frames, meta, alive = (PREFIX + "frames:" + id, PREFIX + "stream:" + id,
-                                   PREFIX + "alive:" + id)
-            if kind == "start":  # the frames key's expiry is refreshed by the heartbeat
-                pipe.hset(meta, mapping={"owner": frame})
+            frames, meta = PREFIX + "frames:" + id, PREFIX + "stream:" + id
+            if kind == "start":
+                pipe.hset(meta, mapping={"owner": frame, "instance": self.instance})
                 pipe.pexpire(meta, grace + KEEP_MS)
-                pipe.set(alive, 1, px=ALIVE_TTL_MS)
-            else:  # "end" or "lost": the last entry; the heartbeat goes; the grace starts
+                self.heartbeat(pipe)  # before the first of the heartbeat loop's
+                self._refreshed[id] = now
+                refresh.append(id)  # its frames key, once the first frame made it
+            else:  # "end" or "lost": the last entry; the grace starts
+                self._refreshed.pop(id, None)
                 pipe.xadd(frames, {kind: 1}, id=f"0-{seq}", maxlen=maxlen)
                 pipe.hset(meta, "done", 1)
-                pipe.delete(alive)
                 pipe.pexpire(frames, grace)
                 pipe.pexpire(meta, grace)
         if keys:
             pipe.eval(FRAMES_SCRIPT, len(keys), *keys, *args)
+        for id in refresh:  # a running stream's keys outlive its producer's death by the grace
+            if id in self._refreshed:
+                pipe.pexpire(PREFIX + "frames:" + id, grace + KEEP_MS)
+                pipe.pexpire(PREFIX + "stream:" + id, grace + KEEP_MS)
         try:
             # raise_on_error=False: one refused entry (an id below a trimmed one) must not fail the rest
             await pipe.execute(raise_on_error=False)
@@ -139,14 +154,9 @@ class FrameWriter:
         if self._pending and not self._scheduled:
             self._schedule()
 
-    def heartbeat(self, pipe: Any, ids: list[str]) -> None:
-        """Queue on `pipe` what keeps the streams produced here alive (every HEARTBEAT)."""
-        keep = self.grace_ms + KEEP_MS
-        for id in ids:
-            pipe.set(PREFIX + "alive:" + id, 1, px=ALIVE_TTL_MS)
-            # While it runs its frames outlive a producer's death by the grace.
-            pipe.pexpire(PREFIX + "frames:" + id, keep)
-            pipe.pexpire(PREFIX + "stream:" + id, keep)
+    def heartbeat(self, pipe: Any) -> None:
+        """Queue on `pipe` this instance's heartbeat (every second): its streams are alive."""
+        pipe.set(PREFIX + "alive:" + self.instance, 1, px=ALIVE_TTL_MS)
 
 
 class RemoteReader:
@@ -166,10 +176,11 @@ class RemoteReader:
 class Follower:
     """A reader here of a stream another instance produces: what it missed, then live frames."""
 
-    def __init__(self, redis: aioredis.Redis, on_error: OnError, stream_id: str):
+    def __init__(self, redis: aioredis.Redis, on_error: OnError, stream_id: str, instance: str):
         self.redis = redis
         self.on_error = on_error
         self.id = stream_id
+        self.alive = PREFIX + "alive:" + instance  # the producing instance's heartbeat
         self.key = PREFIX + "frames:" + stream_id
         self.last = 0
         self.ended = False  # its end frame was read
@@ -211,7 +222,7 @@ class Follower:
             result: Any  # RESP2's reply: [[key, [(entry id, fields), ...]]]
             try:
                 result = await redis.xread({self.key: f"0-{self.last}"}, count=1000, block=BLOCK_MS)
-                if not result and not await redis.exists(PREFIX + "alive:" + self.id):
+                if not result and not await redis.exists(self.alive):
                     result = await redis.xread({self.key: f"0-{self.last}"}, count=1000)
                     if not result:  # no heartbeat and nothing more: the producer is gone
                         raise StoreError(PRODUCER_LOST)

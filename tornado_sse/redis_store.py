@@ -84,7 +84,8 @@ class RedisStore:
         self._up = False
         self._local: dict[str, Stream] = {}  # streams produced here, by id
         self._remote: dict[str, RemoteReader] = {}
-        self.writer = FrameWriter(self.redis, settings, self._down)
+        self.instance = new_id()  # names this process's heartbeat key
+        self.writer = FrameWriter(self.redis, settings, self._down, self.instance)
         self.share = self.writer.share  # the per-token path: no call in between
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -209,7 +210,7 @@ class RedisStore:
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.ping()
                 if self.shares_frames:
-                    self.writer.heartbeat(pipe, list(self._local))
+                    self.writer.heartbeat(pipe)
                 await pipe.execute()
                 if not self._up:
                     log.info("store %s answers again", redacted(self.settings.store))
@@ -273,7 +274,11 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             self._down(exc)
             return None
-        return Follower(self.redis, self._down, stream_id) if _owned(meta, owner) else None
+        if not _owned(meta, owner):
+            return None
+        instance = meta.get(b"instance", b"")
+        return Follower(self.redis, self._down, stream_id,
+                        instance.decode() if isinstance(instance, bytes) else str(instance))
 
 
 def _owned(meta: dict[Any, Any], owner: str) -> bool:
