@@ -259,7 +259,7 @@ class StopHandler(BaseHandler):
     def post(self) -> None:
         self.check_access()
         stream = self.registry.get(self.query("stream") or "", self.owner())
-        if stream is None:
+        if stream is None or stream.done:  # a finished one is only kept for a returning reader
             raise ClientError(404, "unknown_stream", "There is no such answer being written.")
         stream.stop()
         self.set_status(204)
