@@ -70,6 +70,7 @@ class DirectPoster:
                     continue
                 raise openai.APIConnectionError(request=request) from err
             if 200 <= exchange.status < 300:
+                exchange.headers = []  # nothing reads them: ~0.8 kB less held for the stream's life
                 return exchange
             if 300 <= exchange.status < 400:
                 await exchange.aclose()

@@ -157,6 +157,7 @@ class _Connection(asyncio.Protocol):
                 piece = bytes(self.body)
                 self.body.clear()
                 yield piece
+                del piece  # not held while the stream waits for its next token
             if self.complete:
                 return
             if self.closed and self.until_close and self.error is None:
@@ -252,6 +253,7 @@ class FastTransport(httpx2.AsyncBaseTransport):
                 raise
         if not reusable:
             conn.complete = True
+        conn.headers = []  # the Exchange has them; the connection outlives it in the pool
         return Exchange(self, key, conn, status, headers, reusable)
 
     @staticmethod
