@@ -24,7 +24,8 @@ PRELOAD = ("openai.resources.responses", "openai.resources.responses.input_items
            "anyio._backends._asyncio")
 # After gc.freeze(), a young collection every 50,000 allocations instead of 700: a stream's
 # objects are mostly gone by then instead of being promoted, and the older generations, walked
-# again each time a stream's objects reach them, are collected less often.
+# again each time a stream's objects reach them, are collected less often. Measured (bench/,
+# 2,000 streams opened at once, two runs each): 1.8 s of server CPU with (700, 10, 10), 1.45 s.
 GC_THRESHOLDS = (50_000, 20, 20)
 
 
