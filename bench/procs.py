@@ -126,4 +126,6 @@ def server_cmd(side: str, port: int) -> list[str]:
                 "--backend", "openai", "--max-retries", "0", "--log-level", "warning",
                 # the peer has no rate limit or stream cap: measure the relay, not the limits
                 "--rate-limit", "0", "--max-streams", "100000"]
+    if side == "floor":
+        return [sys.executable, str(BENCH / "peers" / "floor.py"), "--port", str(port)]
     return [sys.executable, str(BENCH / "peers" / "fastapi_peer.py"), "--port", str(port)]

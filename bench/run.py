@@ -1,4 +1,5 @@
-"""The benchmark, one command: tornado-sse against FastAPI + sse-starlette, printed as Markdown.
+"""The benchmark, one command: tornado-sse against the raw-asyncio floor (peers/floor.py) and
+FastAPI + sse-starlette, printed as Markdown.
 
     python bench/run.py                  # every scenario, 3 runs per side (about 10-15 minutes)
     python bench/run.py --quick          # 1 run, smaller scenarios
@@ -31,7 +32,7 @@ import loadgen
 import procs
 from scenarios import CONTEXT, ROWS, Scenario, metrics, scenarios
 
-SIDES = ("tornado-sse", "fastapi-peer")
+SIDES = ("tornado-sse", "floor", "fastapi-peer")
 RESULTS = procs.BENCH / "results"
 
 
@@ -121,6 +122,10 @@ def median(values: list[Any]) -> float | None:
     return statistics.median(nums) if nums else None
 
 
+def ratio(ours: float | None, other: float | None) -> str:
+    return f"{ours / other:.2f}" if ours is not None and other else "-"
+
+
 def fmt(v: float | None) -> str:
     if v is None:
         return "-"
@@ -130,18 +135,17 @@ def fmt(v: float | None) -> str:
 
 
 def table(runs: dict[str, dict[str, list[dict[str, Any]]]], chosen: dict[str, Scenario]) -> str:
-    head = ["| scenario | metric | tornado-sse | FastAPI peer | ours/peer |",
-            "| --- | --- | ---: | ---: | ---: |"]
+    head = ["| scenario | metric | tornado-sse | floor | FastAPI peer | ours/floor | ours/peer |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     ctx = ["| scenario | side | " + " | ".join(label for _, label in CONTEXT) + " |",
            "| --- | --- |" + " ---: |" * len(CONTEXT)]
     for name, s in chosen.items():
         per_side = runs.get(name, {})
         for key, label, better in ROWS[name]:
-            ours = median([r.get(key) for r in per_side.get(SIDES[0], [])])
-            peer = median([r.get(key) for r in per_side.get(SIDES[1], [])])
-            ratio = f"{ours / peer:.2f}" if ours is not None and peer else "-"
+            ours, floor, peer = (median([r.get(key) for r in per_side.get(side, [])]) for side in SIDES)
             arrow = {"lower": " (lower is better)", "higher": " (higher is better)"}.get(better, "")
-            head.append(f"| {s.title} | {label}{arrow} | {fmt(ours)} | {fmt(peer)} | {ratio} |")
+            head.append(f"| {s.title} | {label}{arrow} | {fmt(ours)} | {fmt(floor)} | {fmt(peer)} "
+                        f"| {ratio(ours, floor)} | {ratio(ours, peer)} |")
         for side in SIDES:
             values = [fmt(median([r.get(k) for r in per_side.get(side, [])])) for k, _ in CONTEXT]
             ctx.append(f"| {name} | {side} | " + " | ".join(values) + " |")
@@ -185,7 +189,7 @@ def main() -> None:
                       file=sys.stderr, flush=True)
                 out.write_text(json.dumps({"args": vars(args), "code": code, "runs": runs,
                                            "errors": errors}, indent=1))
-    print(f"## tornado-sse vs FastAPI + sse-starlette (median of {n_runs} run(s); {code})\n")
+    print(f"## tornado-sse vs the raw-asyncio floor and FastAPI + sse-starlette (median of {n_runs} run(s); {code})\n")
     print(table(runs, chosen))
     for e in errors:
         print(f"\n- ERROR {e}")

@@ -15,7 +15,7 @@ import tornado.web
 from .backend import Backend
 from .conversations import ConversationStore
 from .guard import Gate, RateLimiter
-from .ask import AskHandler
+from .ask import AskHandler, Pinger
 from .handlers import (HealthHandler, MetricsHandler, NotFoundHandler, PageHandler, SignInHandler,
                        SignOutHandler, StopHandler)
 from .logs import StreamSummary, log_request
@@ -57,7 +57,8 @@ def make_app(settings: Settings, backend: Backend) -> tornado.web.Application:
     return tornado.web.Application(
         [
             (r"/", PageHandler, {**common, "backend": backend}),
-            (r"/ask", AskHandler, {**common, "registry": registry, "limiter": limiter, "metrics": metrics}),
+            (r"/ask", AskHandler, {**common, "registry": registry, "limiter": limiter, "metrics": metrics,
+                                   "pinger": Pinger(settings.keepalive)}),
             (r"/metrics", MetricsHandler, {**common, "metrics": metrics}),
             (r"/stop", StopHandler, {**common, "registry": registry}),
             (r"/login", SignInHandler, common),
