@@ -134,4 +134,6 @@ def server_cmd(side: str, port: int, extra: list[str] | None = None,
                 "--backend", "openai", "--max-retries", "0", "--log-level", "warning",
                 # the peer has no rate limit or stream cap: measure the relay, not the limits
                 "--rate-limit", "0", "--max-streams", "100000", *store, *(extra or [])]
+    if side == "floor":
+        return [sys.executable, str(BENCH / "peers" / "floor.py"), "--port", str(port)]
     return [sys.executable, str(BENCH / "peers" / "fastapi_peer.py"), "--port", str(port)]

@@ -1,4 +1,5 @@
-"""The benchmark, one command: tornado-sse against FastAPI + sse-starlette, printed as Markdown.
+"""The benchmark, one command: tornado-sse against the raw-asyncio floor (peers/floor.py) and
+FastAPI + sse-starlette, printed as Markdown.
 
     python bench/run.py                  # every scenario, 3 runs per side (about 10-15 minutes)
     python bench/run.py --quick          # 1 run, smaller scenarios
@@ -31,10 +32,11 @@ import loadgen
 import procs
 from scenarios import CONTEXT, ROWS, Scenario, metrics, scenarios
 
-# tornado-sse-redis: --store redis://... on its own redis-server; compare it with tornado-sse:
+SIDES = ("tornado-sse", "floor", "fastapi-peer")
+# tornado-sse with --store redis://... on its own redis-server, compared with tornado-sse alone:
 #   python bench/run.py --scenario steady100 --side tornado-sse --side tornado-sse-redis \
 #       --tornado-flags="--resume-grace 30"
-SIDES = ("tornado-sse", "fastapi-peer", "tornado-sse-redis")
+REDIS_SIDE = "tornado-sse-redis"
 RESULTS = procs.BENCH / "results"
 
 
@@ -134,6 +136,10 @@ def median(values: list[Any]) -> float | None:
     return statistics.median(nums) if nums else None
 
 
+def ratio(ours: float | None, other: float | None) -> str:
+    return f"{ours / other:.2f}" if ours is not None and other else "-"
+
+
 def fmt(v: float | None) -> str:
     if v is None:
         return "-"
@@ -142,23 +148,38 @@ def fmt(v: float | None) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"
 
 
-def table(runs: dict[str, dict[str, list[dict[str, Any]]]], chosen: dict[str, Scenario],
-          sides: tuple[str, ...] = SIDES[:2]) -> str:
-    """The first two sides chosen, side by side: tornado-sse and the peer, or the two stores."""
-    names = {"tornado-sse": "tornado-sse", "fastapi-peer": "FastAPI peer", "tornado-sse-redis": "--store redis"}
-    head = [f"| scenario | metric | {names[sides[0]]} | {names[sides[1]]} | ratio |",
+def store_table(runs: dict[str, dict[str, list[dict[str, Any]]]], chosen: dict[str, Scenario]) -> str:
+    """tornado-sse with the memory store against the Redis store: redis / memory per metric."""
+    head = ["| scenario | metric | --store memory | --store redis | redis/memory |",
             "| --- | --- | ---: | ---: | ---: |"]
     ctx = ["| scenario | side | " + " | ".join(label for _, label in CONTEXT) + " |",
            "| --- | --- |" + " ---: |" * len(CONTEXT)]
     for name, s in chosen.items():
         per_side = runs.get(name, {})
         for key, label, better in ROWS[name]:
-            ours = median([r.get(key) for r in per_side.get(sides[0], [])])
-            peer = median([r.get(key) for r in per_side.get(sides[1], [])])
-            ratio = f"{ours / peer:.2f}" if ours is not None and peer else "-"
+            memory, shared = (median([r.get(key) for r in per_side.get(side, [])])
+                              for side in (SIDES[0], REDIS_SIDE))
             arrow = {"lower": " (lower is better)", "higher": " (higher is better)"}.get(better, "")
-            head.append(f"| {s.title} | {label}{arrow} | {fmt(ours)} | {fmt(peer)} | {ratio} |")
-        for side in sides:
+            head.append(f"| {s.title} | {label}{arrow} | {fmt(memory)} | {fmt(shared)} | {ratio(shared, memory)} |")
+        for side in (SIDES[0], REDIS_SIDE):
+            values = [fmt(median([r.get(k) for r in per_side.get(side, [])])) for k, _ in CONTEXT]
+            ctx.append(f"| {name} | {side} | " + " | ".join(values) + " |")
+    return "\n".join(head) + "\n\nContext (medians; CPU % is of one core over the scenario):\n\n" + "\n".join(ctx)
+
+
+def table(runs: dict[str, dict[str, list[dict[str, Any]]]], chosen: dict[str, Scenario]) -> str:
+    head = ["| scenario | metric | tornado-sse | floor | FastAPI peer | ours/floor | ours/peer |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    ctx = ["| scenario | side | " + " | ".join(label for _, label in CONTEXT) + " |",
+           "| --- | --- |" + " ---: |" * len(CONTEXT)]
+    for name, s in chosen.items():
+        per_side = runs.get(name, {})
+        for key, label, better in ROWS[name]:
+            ours, floor, peer = (median([r.get(key) for r in per_side.get(side, [])]) for side in SIDES)
+            arrow = {"lower": " (lower is better)", "higher": " (higher is better)"}.get(better, "")
+            head.append(f"| {s.title} | {label}{arrow} | {fmt(ours)} | {fmt(floor)} | {fmt(peer)} "
+                        f"| {ratio(ours, floor)} | {ratio(ours, peer)} |")
+        for side in SIDES:
             values = [fmt(median([r.get(k) for r in per_side.get(side, [])])) for k, _ in CONTEXT]
             ctx.append(f"| {name} | {side} | " + " | ".join(values) + " |")
     return "\n".join(head) + "\n\nContext (medians; CPU % is of one core over the scenario):\n\n" + "\n".join(ctx)
@@ -169,7 +190,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="1 run, smaller scenarios")
     p.add_argument("--runs", type=int, default=None, help="runs per side (default 3, --quick 1)")
     p.add_argument("--scenario", action="append", default=[], help="run only this one (repeatable)")
-    p.add_argument("--side", action="append", choices=SIDES, default=[], help="only this side")
+    p.add_argument("--side", action="append", choices=(*SIDES, REDIS_SIDE), default=[],
+                   help="only this side")
     p.add_argument("--latency-limit-ms", type=float, default=50.0, help="saturation: p99 limit")
     p.add_argument("--code", default=None, help="benchmark this git revision instead of the work tree")
     p.add_argument("--tornado-flags", default="", help="extra flags for the tornado-sse sides, "
@@ -181,7 +203,7 @@ def main() -> None:
     if unknown:
         p.error(f"unknown scenario {unknown}; choose from {', '.join(every)}")
     chosen = {n: every[n] for n in (args.scenario or every)}
-    sides = [s for s in SIDES[:2] if not args.side] or [s for s in SIDES if s in args.side]
+    sides = [s for s in (*SIDES, REDIS_SIDE) if (s in args.side if args.side else s in SIDES)]
     n_runs = args.runs or (1 if args.quick else 3)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logs = RESULTS / f"logs-{stamp}"
@@ -203,8 +225,12 @@ def main() -> None:
                       file=sys.stderr, flush=True)
                 out.write_text(json.dumps({"args": vars(args), "code": code, "runs": runs,
                                            "errors": errors}, indent=1))
-    print(f"## {' vs '.join(sides)} (median of {n_runs} run(s); {code})\n")
-    print(table(runs, chosen, tuple(sides) if len(sides) >= 2 else (sides[0], sides[0])))
+    if REDIS_SIDE in sides:
+        print(f"## tornado-sse: the memory store vs the Redis store (median of {n_runs} run(s); {code})\n")
+        print(store_table(runs, chosen))
+    else:
+        print(f"## tornado-sse vs the raw-asyncio floor and FastAPI + sse-starlette (median of {n_runs} run(s); {code})\n")
+        print(table(runs, chosen))
     for e in errors:
         print(f"\n- ERROR {e}")
     print(f"\nAll numbers: {out.relative_to(procs.ROOT)}; process logs: {logs.relative_to(procs.ROOT)}/")

@@ -221,7 +221,7 @@ input.addEventListener("keydown", (event) => {
 stopButton.addEventListener("click", () => active?.stream.stop());
 
 newChatButton.addEventListener("click", () => {
-  active?.stream.stop();
+  active?.stream.stop({ leaving: true });
   state = { conversation: null, turns: [] };
   conversationBox.replaceChildren();
   emptyHint.hidden = false;

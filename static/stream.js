@@ -6,6 +6,7 @@
 "use strict";
 
 const END_MARKER = "<END_STREAMING_SSE>";
+const STOP_WAIT_MS = 3000;  // after Stop, how long the server has to end the stream itself
 
 class AnswerStream {
   // url: "/ask?question=..." or "/ask?resume=...". `on` holds the callbacks:
@@ -22,6 +23,8 @@ class AnswerStream {
     this.heardFromServer = resumed;
     this.finished = false;
     this.finishReason = null;  // from the `finish` event just before the end frame
+    this.stopping = false;  // Stop was pressed; the server's end frame is awaited
+    this.stopTimer = null;
     this.droppedAt = null;
     this.retryTimer = null;
     // Speed: first token time from opening to the first update; tokens/s over the updates.
@@ -47,7 +50,8 @@ class AnswerStream {
     source.addEventListener("update", (e) => {
       this.heard(e);
       if (e.data === END_MARKER) {
-        this.finish({ kind: "end", reason: this.finishReason });
+        const stopped = this.stopping || this.finishReason === "stopped";
+        this.finish(stopped ? { kind: "stopped" } : { kind: "end", reason: this.finishReason });
         return;
       }
       const now = performance.now();
@@ -111,15 +115,24 @@ class AnswerStream {
     }, 1000);
   }
 
-  // Stop: close at once, and tell the server to abort the generation (closing alone would only
-  // do that once the server notices the closed connection).
-  stop() {
-    if (this.finished) return;
+  // Stop: the server aborts the generation and ends this stream itself, with `finish` "stopped"
+  // and the end frame (closing first would race it: the server might see a dropped reader, and
+  // /stop an answer already gone). Only when that cannot happen (no stream id yet, /stop
+  // refused or unreachable, no end within STOP_WAIT_MS) does the page close the stream itself.
+  // `leaving` (New chat): nothing will show the end, so close at once and only tell the server.
+  stop({ leaving = false } = {}) {
+    if (this.finished || (this.stopping && !leaving)) return;
+    this.stopping = true;
+    const closeNow = () => this.finish({ kind: "stopped" });
     if (this.streamId) {
-      fetch("/stop?stream=" + encodeURIComponent(this.streamId), { method: "POST", keepalive: true })
-        .catch(() => { /* the closed connection aborts it anyway */ });
+      fetch("/stop?stream=" + encodeURIComponent(this.streamId), { method: "POST", keepalive: leaving })
+        .then((response) => { if (!response.ok) closeNow(); }, closeNow);
     }
-    this.finish({ kind: "stopped" });
+    if (leaving || !this.streamId) {
+      closeNow();
+    } else {
+      this.stopTimer = setTimeout(closeNow, STOP_WAIT_MS);
+    }
   }
 
   finish(outcome) {
@@ -127,6 +140,7 @@ class AnswerStream {
     this.finished = true;
     this.source.close();
     clearTimeout(this.retryTimer);
+    clearTimeout(this.stopTimer);
     this.on.done(outcome);
   }
 

@@ -28,7 +28,7 @@ from tornado_sse.backend import OpenAIBackend
 from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.settings import Settings
 
-from .conftest import with_settings
+from .conftest import OWNER, with_settings
 from .sseclient import ask
 from .test_cli import CLEAN_ENV
 
@@ -55,10 +55,11 @@ async def exchange(port: int, request: bytes, timeout: float = 10.0) -> bytes:
         writer.close()
 
 
-def expected_frames(stream: str, meta: str, deltas: list[str]) -> bytes:
+def expected_frames(stream: str, meta: str, deltas: list[str], finish: str) -> bytes:
     frames = [sse.encode_event("meta", meta, f"{stream}.1")]
     frames += [sse.encode_event("update", d, f"{stream}.{i}") for i, d in enumerate(deltas, 2)]
-    return b"".join(frames) + sse.encode_end(f"{stream}.{len(deltas) + 2}")
+    frames.append(sse.encode_event("finish", finish, f"{stream}.{len(deltas) + 2}"))
+    return b"".join(frames) + sse.encode_end(f"{stream}.{len(deltas) + 3}")
 
 
 # -- HTTP/1.0 --------------------------------------------------------------------------------------
@@ -75,7 +76,9 @@ async def test_http_1_0_gets_bare_frames_and_the_close_ends_the_body(port, fake:
     assert b"\r\nConnection: close" in head and b"Keep-Alive" not in head
     meta_line = body.split(b"\n")[2].decode()
     stream = json.loads(meta_line[len("data: "):])["stream"]
-    assert body == expected_frames(stream, meta_line[len("data: "):], ["Hello", ", ", "world\nagain"])
+    finish = body.split(b"event: finish\ndata: ", 1)[1].split(b"\n", 1)[0].decode()
+    assert json.loads(finish)["reason"] == "stop"  # its usage counts are the fake's
+    assert body == expected_frames(stream, meta_line[len("data: "):], ["Hello", ", ", "world\nagain"], finish)
 
 
 @tuned(keepalive=0.2)
@@ -113,12 +116,12 @@ async def test_a_reconnect_after_the_end_frame_gets_204_again_and_again(base_url
     # Node's eventsource and several Python clients reconnect after the end frame with the id of
     # the last frame they saw; each time they get 204, and no second generation.
     fake.script = Script(deltas=["one"])
-    answer = await ask(base_url, "question=q")
-    last_id = f"{answer.meta['stream']}.3"
+    answer = await ask(base_url, "question=q", headers=OWNER)
+    last_id = f"{answer.meta['stream']}.4"  # meta, update, finish, end
     assert answer.body.endswith(sse.encode_end(last_id))
     for _ in range(3):
-        response = await http_client.fetch(base_url + "/ask?question=q", headers={"Last-Event-ID": last_id},
-                                           raise_error=False)
+        response = await http_client.fetch(base_url + "/ask?question=q", raise_error=False,
+                                           headers={"Last-Event-ID": last_id, **OWNER})
         assert response.code == 204 and response.body == b""
     assert len(fake.requests) == 1
 

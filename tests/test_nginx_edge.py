@@ -66,7 +66,7 @@ def post(port: int, path: str, body: bytes, headers: dict[str, str]) -> http.cli
 
 def test_the_single_instance_sample_on_another_port_signs_in_streams_and_stops(tmp_path: Path) -> None:
     tool("nginx")
-    token = "a-long-enough-secret"
+    token = "Lc3k9-TzqW0vXb7N_y2hRf8d"  # 24 url-safe characters: over the 128 bits asked for
     env = {**CLEAN_ENV, "TORNADO_SSE_ACCESS_TOKEN": token}
     with running(*SERVER, env=env) as (_, server, _), \
             nginx(tmp_path, (DEPLOY / "nginx.conf").read_text().replace("127.0.0.1:8888", f"127.0.0.1:{server}")) as port:
@@ -86,8 +86,15 @@ def test_the_single_instance_sample_on_another_port_signs_in_streams_and_stops(t
         while not line.startswith(b"data: "):
             line = response.readline()
         meta = json.loads(line[len(b"data: "):])
-        stopped = post(port, "/stop?" + urlencode({"stream": meta["stream"]}), b"", {**browser, "Origin": origin})
+        # The stream belongs to the browser that asked: Stop carries the owner cookie /ask set.
+        owner = [c.split(";")[0] for c in response.headers.get_all("Set-Cookie") or []
+                 if c.startswith("tornado_sse_owner=")]
+        stopped = post(port, "/stop?" + urlencode({"stream": meta["stream"]}), b"",
+                       {**browser, "Origin": origin, "Cookie": "; ".join([cookie, *owner])})
         assert stopped.status == 204
+        rest = response.read()  # through nginx too, the reader's stream ends: finish, end frame
+        assert b'event: finish\ndata: {"reason": "stopped"}\n\n' in rest
+        assert rest.endswith(b"data: <END_STREAMING_SSE>\n\n")
         conn.close()
 
         metrics = post(port, "/metrics", b"", {})

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import tornado.httpserver
+from tornado.httpclient import AsyncHTTPClient
 
 from tornado_sse.demo import FakeUpstream, Script
 
@@ -68,8 +69,12 @@ async def test_stop_aborts_the_generation_upstream_and_keeps_the_answer(base_url
         await wait_for(lambda: bool(fake.disconnects), 2)
         assert fake.disconnects[0].at - clicked < 0.5 and fake.completed == 0
         assert [r.method for r in seen.requests if urlsplit(r.url).path == "/stop"] == ["POST"]
+        await answered(page)
         assert await page.text_content(".turn-note") == "Stopped."
         assert await page.get_attribute(".turn", "data-status") == "stopped"
+        # The server ended the stream as stopped (finish, end frame), not as a reader that left.
+        metrics = (await AsyncHTTPClient().fetch(base_url + "/metrics")).body.decode()
+        assert 'tornado_sse_streams_finished_total{outcome="stopped"} 1.0' in metrics
         shown = await page.evaluate(SOURCE)
         assert shown.startswith("tok0 ")
         await asyncio.sleep(0.3)

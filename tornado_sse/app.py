@@ -14,7 +14,7 @@ import tornado.web
 
 from .backend import Backend
 from .guard import Gate
-from .ask import AskHandler
+from .ask import AskHandler, Pinger
 from .handlers import (HealthHandler, MetricsHandler, NotFoundHandler, PageHandler, SignInHandler,
                        SignOutHandler, StopHandler)
 from .logs import StreamSummary, log_request
@@ -55,7 +55,8 @@ def make_app(settings: Settings, backend: Backend) -> tornado.web.Application:
     return tornado.web.Application(
         [
             (r"/", PageHandler, {**common, "backend": backend}),
-            (r"/ask", AskHandler, {**common, "registry": registry, "metrics": metrics}),
+            (r"/ask", AskHandler, {**common, "registry": registry, "metrics": metrics,
+                                   "pinger": Pinger(settings.keepalive)}),
             (r"/metrics", MetricsHandler, {**common, "metrics": metrics}),
             (r"/stop", StopHandler, {**common, "registry": registry}),
             (r"/login", SignInHandler, common),

@@ -36,9 +36,10 @@ class AskHandler(BaseHandler):
     """
 
     def initialize(self, settings: Settings, gate: Gate,  # type: ignore[override]
-                   registry: StreamRegistry, metrics: Metrics) -> None:
+                   registry: StreamRegistry, metrics: Metrics, pinger: Pinger) -> None:
         super().initialize(settings, gate)
         self.registry = registry
+        self.pinger = pinger
         self.metrics = metrics
         self.stream: Stream | None = None
         self.remote: RemoteStream | None = None  # a stream another instance produces (Redis)
@@ -159,21 +160,20 @@ class AskHandler(BaseHandler):
         self.closed = asyncio.get_running_loop().create_future()
 
     async def follow(self) -> None:
-        """Wait while the stream writes to us; ping while it is silent."""
+        """Wait while the stream writes to us; the Pinger pings while it is silent."""
         assert self.closed is not None
-        pinger = asyncio.ensure_future(self.keepalive())
+        self.pinger.add(self)
         try:
             await self.closed
         finally:
-            pinger.cancel()
+            self.pinger.discard(self)
 
-    async def keepalive(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.keepalive)
-            if self.active:
-                self.active = False
-            elif self.streaming and not self._finished:
-                self.write_chunk(sse.PING)
+    def keepalive(self) -> None:
+        """The Pinger's look, every --keepalive seconds: a ping if nothing went out since the last."""
+        if self.active:
+            self.active = False
+        elif self.streaming and not self._finished:
+            self.write_chunk(sse.PING)
 
     # -- Listener: what the Stream calls ---------------------------------------------------------
 
@@ -270,3 +270,30 @@ class AskHandler(BaseHandler):
             raise ClientError(400, "invalid_characters", "The question contains control characters "
                               "(such as NUL) that cannot be sent to the model.")
         return question
+
+
+class Pinger:
+    """One timer for every open stream instead of a keep-alive task each (a task and its
+    coroutine are ~1.5 kB a stream, and thousands of timers to re-arm): every `interval` seconds
+    it asks each stream being followed to ping if it has been silent since the last look. A
+    silent stream still gets its first ping between one and two intervals after its last frame."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.handlers: dict[AskHandler, None] = {}  # ordered: pings go out in arrival order
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, handler: AskHandler) -> None:
+        self.handlers[handler] = None
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self._tick)
+
+    def discard(self, handler: AskHandler) -> None:
+        self.handlers.pop(handler, None)
+
+    def _tick(self) -> None:
+        self._timer = None
+        for handler in list(self.handlers):
+            handler.keepalive()
+        if self.handlers:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self._tick)

@@ -23,9 +23,11 @@ import httpx2
 import jiter
 import openai
 
+from .direct import DirectPoster
 from .errors import ErrorInStream, IncompleteStream, MalformedChunk
 from .eventstream import EventStreamDecoder
 from .settings import Settings
+from .transport import Exchange
 from .upstream import make_http_client
 from .watchdog import Watchdog
 
@@ -83,21 +85,24 @@ class OpenAIBackend:
         self._adapted: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         # Reads have no httpx limit: the Watchdog bounds the first token and every silence after.
         timeout = httpx2.Timeout(None, connect=settings.connect_timeout, pool=settings.connect_timeout)
+        http_client, fast = make_http_client(settings, timeout, base_url or settings.base_url)
         self._client = openai.AsyncOpenAI(
             # A local server (Ollama, llama.cpp) needs no key, but the SDK insists on one.
             api_key=settings.api_key or "no-key",
             base_url=base_url or settings.base_url,
             max_retries=settings.max_retries,
             timeout=timeout,
-            http_client=make_http_client(settings, timeout, base_url or settings.base_url),
+            http_client=http_client,
         )
+        # On the lean transport, requests skip the SDK's per-request machinery (direct.py).
+        self._direct = DirectPoster(self._client, fast, "/chat/completions") if fast else None
 
     async def stream(self, messages: list[Message]) -> AsyncGenerator[Delta | Finish, None]:
         s = self._settings
         async with Watchdog(s.first_token_timeout, s.idle_timeout) as watchdog:
             response = await self._post_adapting(messages)
             try:
-                chunks = response.aiter_bytes()
+                chunks = response.chunks()
                 events = EventStreamDecoder()
                 reason: str | None = None
                 usage: Usage | None = None
@@ -138,19 +143,23 @@ class OpenAIBackend:
                 body[RENAMED[param]] = value
         return body
 
-    async def _post_adapting(self, messages: list[Message]) -> httpx2.Response:
+    async def _post_adapting(self, messages: list[Message]) -> Exchange | SDKAnswer:
         """POST the request; when the upstream refuses one of our own defaults by name, adapt
         that parameter and ask again: once per parameter, and before any token (none was sent)."""
         tried: set[str] = set()
         while True:
             body = self.request_body(messages)
             try:
+                if self._direct is not None:
+                    answer = await self._direct.post(body)
+                    if answer is not None:
+                        return answer
                 # The SDK's generic `post` (its way to call any endpoint): the same auth, retries
                 # and typed errors as `chat.completions.create`, without running the parameters
                 # through their TypedDict transforms on every request, a fifth of a stream's
                 # set-up CPU.
-                return await self._client.post(
-                    "/chat/completions", cast_to=httpx2.Response, body=body, options=STREAMED)
+                return SDKAnswer(await self._client.post(
+                    "/chat/completions", cast_to=httpx2.Response, body=body, options=STREAMED))
             except openai.BadRequestError as exc:
                 param = refused_parameter(exc)
                 if param is None or param not in body or param in tried or not self.adapt(param):
@@ -176,6 +185,21 @@ class OpenAIBackend:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+class SDKAnswer:
+    """An httpx Response, read as an Exchange is (the aiohttp client, a redirect)."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: httpx2.Response):
+        self._response = response
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._response.aiter_bytes()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
 
 
 def parse_chat_chunk(data: bytes) -> tuple[str | None, str | None, dict[str, Any] | None]:

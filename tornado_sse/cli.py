@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import gc
 import ipaddress
 import logging
 import os
@@ -21,7 +20,7 @@ from typing import Any
 
 import tornado.netutil
 
-from . import logs
+from . import logs, process
 from .app import make_app, make_server
 from .backend import Backend, OpenAIBackend
 from .demo import FakeUpstream, Script
@@ -221,12 +220,9 @@ async def serve(settings: Settings) -> bool:
     if not _is_loopback(settings.host) and not settings.access_token:
         log.warning("listening on %s without --access-token: anyone who can reach this address "
                     "can spend the API key", settings.host)
+    process.settle()  # before "listening": what the SDK imports lazily is in by then
     scheme = "https" if settings.tls else "http"
     log.info("tornado-sse listening on %s://%s:%d/", scheme, settings.host, port)
-    # What start-up built (modules, the app, the SDK's models) lives as long as the process:
-    # keep it out of every later collection, which otherwise walks it again and again.
-    gc.collect()
-    gc.freeze()
 
     shutdown = Shutdown()
     loop = asyncio.get_running_loop()
@@ -295,6 +291,7 @@ def _is_loopback(host: str) -> bool:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv, os.environ)
     logs.configure(settings.log_level_number, settings.log_format)
+    process.raise_open_files_limit()
     try:
         drained = asyncio.run(serve(settings))
     except StartupError as exc:

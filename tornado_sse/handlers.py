@@ -265,9 +265,10 @@ class StopHandler(BaseHandler):
         self.check_access()
         id, owner = self.query("stream") or "", self.owner()
         stream = self.registry.get(id, owner)
-        if stream is not None:
+        if stream is not None and not stream.done:
             stream.stop()
-        elif not await self.shared_stop(id, owner):  # produced by another instance, perhaps
+        elif stream is not None or not await self.shared_stop(id, owner):
+            # a finished one is only kept for a returning reader; else another instance's, perhaps
             raise ClientError(404, "unknown_stream", "There is no such answer being written.")
         self.set_status(204)
 

@@ -64,6 +64,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     """The access log line: the path without its query string, which holds the question."""
     status = handler.get_status()
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if not access_log.isEnabledFor(level):  # --log-level warning: no line, so nothing to build
+        return
     request = handler.request
     duration = 1000.0 * request.request_time()
     # The path arrives as bytes read as Latin-1: a raw 0x9B is U+009B, a terminal's CSI.
@@ -81,6 +83,8 @@ class StreamSummary:
         self.log_content = log_content
 
     def __call__(self, stream: Stream) -> None:
+        if not stream_log.isEnabledFor(logging.INFO):
+            return
         ttft = None if stream.first_token_at is None else round(1000 * (stream.first_token_at - stream.started_at))
         duration = round(1000 * (stream.finished_at - stream.started_at))
         # The stream's id resumes and stops it: the log shows a short hash (streams.log_id).

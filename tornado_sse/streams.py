@@ -269,8 +269,10 @@ class StreamRegistry:
             self.store.keep(stream.conversation, Turn(
                 stream.question, "".join(stream.answer), cut_off=stream.outcome != "done"))
         self.store.finished(stream)
-        if stream.listener is None and stream.frames is not None and stream.done:
-            # nobody has read the end yet: keep it for a returning reader
+        if stream.frames is not None and stream.done:
+            # Keep the last frames for the grace even when a reader was attached: written to its
+            # socket is not read by it (a connection that drops now loses what was in flight), and
+            # a reader that did see the end frame gets 204 when it comes back.
             asyncio.get_running_loop().call_later(self.resume_grace, self.streams.pop, stream.id, None)
         else:
             self.streams.pop(stream.id, None)

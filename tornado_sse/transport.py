@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 HIGH_WATER = 256 * 1024  # stop reading the upstream socket above this: backpressure, bounded memory
 MAX_HEAD = 65536  # bytes of status line and headers we accept
 MAX_IDLE_PER_HOST = 256
+Key = tuple[str, str, int]  # scheme, host, port: one pool of idle connections each
 
 
 class _ClosedBeforeAnswer(httpx2.RemoteProtocolError):
@@ -156,6 +157,7 @@ class _Connection(asyncio.Protocol):
                 piece = bytes(self.body)
                 self.body.clear()
                 yield piece
+                del piece  # not held while the stream waits for its next token
             if self.complete:
                 return
             if self.closed and self.until_close and self.error is None:
@@ -169,17 +171,23 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
-class _Body(httpx2.AsyncByteStream):
-    """The response body; closing it early closes the socket (the upstream stops generating),
-    reading it to the end puts the connection back in the pool."""
+class Exchange:
+    """One request's answer: its final status and headers, then its body. Closing it early closes
+    the socket (the upstream stops generating); read to the end, the connection goes back to the
+    pool."""
 
-    def __init__(self, pool: FastTransport, key: tuple[str, str, int], conn: _Connection,
-                 reusable: bool):
+    __slots__ = ("status", "headers", "_pool", "_key", "_conn", "_reusable")
+
+    def __init__(self, pool: FastTransport, key: Key, conn: _Connection, status: int,
+                 headers: list[tuple[bytes, bytes]], reusable: bool):
+        self.status, self.headers = status, headers
         self._pool, self._key, self._conn, self._reusable = pool, key, conn, reusable
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._conn.read_body():
-            yield chunk
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._conn.read_body()
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self._conn.read_body()])
 
     async def aclose(self) -> None:
         conn = self._conn
@@ -190,16 +198,35 @@ class _Body(httpx2.AsyncByteStream):
             conn.close()
 
 
+class _Body(httpx2.AsyncByteStream):
+    """An Exchange's body as httpx reads it."""
+
+    def __init__(self, exchange: Exchange):
+        self._exchange = exchange
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._exchange.chunks():
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._exchange.aclose()
+
+
 class FastTransport(httpx2.AsyncBaseTransport):
     def __init__(self, *, connect_timeout: float, ssl_context: ssl.SSLContext | None = None):
         self._connect_timeout = connect_timeout
         self._ssl_context = ssl_context
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle: dict[Key, list[_Connection]] = {}
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        url = request.url
-        key = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         message = self._head(request) + await request.aread()
+        # A HEAD answer has no body, but llhttp cannot be told so: such a connection is not reused.
+        exchange = await self.exchange(key_of(request.url), message, reusable=request.method != "HEAD")
+        return httpx2.Response(exchange.status, headers=exchange.headers, stream=_Body(exchange),
+                               extensions={"http_version": b"HTTP/1.1"})
+
+    async def exchange(self, key: Key, message: bytes, reusable: bool = True) -> Exchange:
+        """Write one whole request (`message`: head and body) and read the answer's head."""
         conn = self._idle_connection(key)
         reused = conn is not None
         while True:
@@ -224,12 +251,10 @@ class FastTransport(httpx2.AsyncBaseTransport):
             except BaseException:
                 conn.close()  # cancelled while waiting: the upstream must see the close at once
                 raise
-        # A HEAD answer has no body, but llhttp cannot be told so: such a connection is not reused.
-        reusable = request.method != "HEAD"
         if not reusable:
             conn.complete = True
-        return httpx2.Response(status, headers=headers, stream=_Body(self, key, conn, reusable),
-                               extensions={"http_version": b"HTTP/1.1"})
+        conn.headers = []  # the Exchange has them; the connection outlives it in the pool
+        return Exchange(self, key, conn, status, headers, reusable)
 
     @staticmethod
     def _head(request: httpx2.Request) -> bytes:
@@ -243,7 +268,7 @@ class FastTransport(httpx2.AsyncBaseTransport):
             lines.insert(1, b"Host: " + request.url.netloc)
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
-    def _idle_connection(self, key: tuple[str, str, int]) -> _Connection | None:
+    def _idle_connection(self, key: Key) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
@@ -252,14 +277,14 @@ class FastTransport(httpx2.AsyncBaseTransport):
             conn.close()
         return None
 
-    def release(self, key: tuple[str, str, int], conn: _Connection) -> None:
+    def release(self, key: Key, conn: _Connection) -> None:
         idle = self._idle.setdefault(key, [])
         if len(idle) < MAX_IDLE_PER_HOST:
             idle.append(conn)
         else:
             conn.close()
 
-    async def _connect(self, key: tuple[str, str, int]) -> _Connection:
+    async def _connect(self, key: Key) -> _Connection:
         scheme, host, port = key
         tls = None
         if scheme == "https":
@@ -282,6 +307,10 @@ class FastTransport(httpx2.AsyncBaseTransport):
             for conn in idle:
                 conn.close()
         self._idle.clear()
+
+
+def key_of(url: httpx2.URL) -> Key:
+    return (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
 
 
 def _reason(exc: OSError) -> str:

@@ -70,8 +70,10 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     return httpx2.create_ssl_context(trust_env=False)
 
 
-def make_http_client(settings: Settings, timeout: httpx2.Timeout, base_url: str | None) -> httpx2.AsyncClient:
-    """The SDK's HTTP client for the upstream at `base_url`; says at start-up which, and why."""
+def make_http_client(settings: Settings, timeout: httpx2.Timeout,
+                     base_url: str | None) -> tuple[httpx2.AsyncClient, FastTransport | None]:
+    """The SDK's HTTP client for the upstream at `base_url`, and the lean transport under it
+    when it is that one; says at start-up which, and why."""
     url = base_url or DEFAULT_BASE_URL
     kind, why = choose(settings, url)
     log.info("upstream transport: %s (%s)", kind, why)
@@ -79,7 +81,7 @@ def make_http_client(settings: Settings, timeout: httpx2.Timeout, base_url: str 
     tls = tls_context(settings) if url.startswith("https:") or kind == "aiohttp" else None
     if kind == "fast":
         transport = FastTransport(connect_timeout=settings.connect_timeout, ssl_context=tls)
-        return openai.DefaultAsyncHttpxClient(timeout=timeout, transport=transport)
+        return openai.DefaultAsyncHttpxClient(timeout=timeout, transport=transport), transport
     # httpx2 reads the proxy variables (trust_env) and mounts, per URL pattern, an aiohttp transport
     # that is handed the proxy explicitly; aiohttp's own trust_env stays off (it would also send
     # ~/.netrc credentials to the upstream). Its connector holds `max_connections` at most, the
@@ -87,7 +89,7 @@ def make_http_client(settings: Settings, timeout: httpx2.Timeout, base_url: str 
     assert tls is not None
     return openai.DefaultAioHttpClient(
         timeout=timeout, verify=tls, trust_env=True,
-        limits=httpx2.Limits(max_connections=0, max_keepalive_connections=200))
+        limits=httpx2.Limits(max_connections=0, max_keepalive_connections=200)), None
 
 
 def _without_credentials(proxy: str) -> str:
