@@ -46,8 +46,9 @@ def fake(upstream: tuple[FakeUpstream, int]) -> FakeUpstream:
 
 
 @pytest.fixture
-def settings(upstream: tuple[FakeUpstream, int]) -> Settings:
-    return Settings(
+def settings(request: pytest.FixtureRequest, upstream: tuple[FakeUpstream, int]) -> Settings:
+    """The server's settings in front of the fake upstream; a test changes some with `tuned`."""
+    settings = Settings(
         backend="openai",
         api_key=API_KEY,
         base_url=f"http://127.0.0.1:{upstream[1]}/v1",
@@ -58,6 +59,12 @@ def settings(upstream: tuple[FakeUpstream, int]) -> Settings:
         rate_limit=0,
         pad_frames=False,  # byte-exact expectations; test_padding.py turns it on
     )
+    return with_settings(settings, **getattr(request, "param", {}))
+
+
+def tuned(**changes: object) -> pytest.MarkDecorator:
+    """These settings for one test: `@tuned(resume_grace=3.0)` (indirect parametrization)."""
+    return pytest.mark.parametrize("settings", [changes], indirect=True)
 
 
 @pytest.fixture

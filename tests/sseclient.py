@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import math
 import re
+import time
 from dataclasses import dataclass
 
 import tornado.netutil
@@ -16,6 +19,24 @@ from tornado_sse.settings import Settings
 from tornado_sse.sse import END_MARKER
 
 _LINE = re.compile(r"\r\n|\r|\n")
+
+
+def next_frame(response: http.client.HTTPResponse, deadline: float = math.inf) -> tuple[str, str, str]:
+    """The next frame of an event stream read line by line (through nginx, say): (id, event,
+    data), comments and pings skipped. A stream that ends or outlives `deadline` fails the test."""
+    fields: dict[str, str] = {}
+    while True:
+        assert time.monotonic() < deadline, "the stream did not end"
+        line = response.readline().decode()
+        assert line, "the stream ended without its end frame"
+        if line == "\n" and "data" in fields:
+            return fields.get("id", ""), fields.get("event", "message"), fields["data"]
+        name, _, value = line.rstrip("\n").partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data" and "data" in fields:
+            value = fields["data"] + "\n" + value
+        if name:  # not a ': ping' comment
+            fields[name] = value
 
 
 def parse_events(body: bytes) -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ from tornado_sse.conversations import CUT_OFF_NOTE
 from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.settings import Settings, SettingsError
 
-from .conftest import OWNER, with_settings
+from .conftest import OWNER, tuned, with_settings
 from .sseclient import ask, open_raw, parse_events, read_until, serving
 from .test_cli import CLEAN_ENV
 
@@ -30,13 +30,6 @@ STRANGER = {"Cookie": "tornado_sse_owner=someone-else-0123456789abcdef"}
 pytestmark = pytest.mark.gen_test(timeout=30)
 
 
-@pytest.fixture
-def settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
-    return with_settings(settings, **getattr(request, "param", {}))
-
-
-def tuned(**changes: object):
-    return pytest.mark.parametrize("settings", [changes], indirect=True)
 
 
 async def fetch(url: str, method: str = "GET", headers: dict[str, str] | None = None,

@@ -23,6 +23,7 @@ from tornado_sse.cli import SHUTDOWN_GRACE
 from tornado_sse.settings import Settings
 
 from .conftest import OWNER
+from .sseclient import next_frame
 from .test_cli import running
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -183,18 +184,7 @@ class Reader:
         self.instance = cookie.group(1) if cookie else None  # the instance that answered
 
     def event(self) -> tuple[str, str, str]:
-        fields: dict[str, str] = {}
-        while True:
-            line = self.response.readline().decode()
-            assert line, "the stream ended"
-            if line == "\n" and "data" in fields:
-                return fields.get("id", ""), fields.get("event", "message"), fields["data"]
-            name, _, value = line.rstrip("\n").partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if name == "data" and "data" in fields:
-                value = fields["data"] + "\n" + value
-            if name:  # not a ': ping' comment
-                fields[name] = value
+        return next_frame(self.response)
 
     def meta(self) -> dict[str, object]:
         _, event, data = self.event()

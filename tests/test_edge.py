@@ -28,20 +28,13 @@ from tornado_sse.backend import OpenAIBackend
 from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.settings import Settings
 
-from .conftest import OWNER, with_settings
+from .conftest import OWNER, tuned, with_settings
 from .sseclient import ask
 from .test_cli import CLEAN_ENV
 
 pytestmark = pytest.mark.gen_test(timeout=30)
 
 
-@pytest.fixture
-def settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
-    return with_settings(settings, **getattr(request, "param", {}))
-
-
-def tuned(**changes: object):
-    return pytest.mark.parametrize("settings", [changes], indirect=True)
 
 
 async def exchange(port: int, request: bytes, timeout: float = 10.0) -> bytes:

@@ -16,17 +16,13 @@ from tornado_sse.cli import parse_settings
 from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.settings import Settings, SettingsError
 
-from .conftest import API_KEY, with_settings
+from .conftest import API_KEY
 from .sseclient import ask
 from .test_service import metric
 
 END = ("update", "<END_STREAMING_SSE>")
 pytestmark = pytest.mark.gen_test
 
-
-@pytest.fixture
-def settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
-    return with_settings(settings, **getattr(request, "param", {}))
 
 
 def error_of(answer) -> dict[str, str]:

@@ -26,6 +26,7 @@ from tornado_sse.demo import FakeUpstream, Script
 
 from .conftest import API_KEY, OWNER
 from .redisserver import RedisServer, redis_server
+from .sseclient import next_frame
 from .test_cli import CLEAN_ENV, running
 from .test_deploy import DEPLOY, nginx, tool
 
@@ -114,19 +115,7 @@ class Reader:
         self.deadline = time.monotonic() + 40
 
     def frame(self) -> tuple[str, str, str]:
-        fields: dict[str, str] = {}
-        while True:
-            assert time.monotonic() < self.deadline, "the stream did not end"
-            line = self.response.readline().decode()
-            assert line, "the stream ended without its end frame"
-            if line == "\n" and "data" in fields:
-                return fields.get("id", ""), fields.get("event", "message"), fields["data"]
-            name, _, value = line.rstrip("\n").partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if name == "data" and "data" in fields:
-                value = fields["data"] + "\n" + value
-            if name:  # not a ': ping' comment
-                fields[name] = value
+        return next_frame(self.response, self.deadline)
 
     def until_end(self) -> list[tuple[str, str, str]]:
         frames = [self.frame()]

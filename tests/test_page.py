@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
 from typing import Any
 
 import pytest
@@ -14,14 +12,10 @@ from playwright.async_api import async_playwright
 from tornado_sse.demo import FakeUpstream, Script
 
 
-from .browser import CHROMIUM, CSP, FLAGS, PHONE, SOURCE, answered, ask, open_page, until
+from .browser import CHROMIUM, CSP, FLAGS, PHONE, SOURCE, answered, ask, needs_chromium, open_page, until
 from .browser import page_settings, settings  # noqa: F401 (fixtures, by name)
 
-pytestmark = [
-    pytest.mark.gen_test(timeout=40),
-    pytest.mark.skipif(not shutil.which(CHROMIUM) and not os.environ.get("CI"),
-                       reason="Debian's chromium is not installed (.ci/run installs it)"),
-]
+pytestmark = [pytest.mark.gen_test(timeout=40), needs_chromium]
 
 EXPECTED = ["Line one\n", "\n", "- caf\u00e9 \u4f60\u597d \U0001f600\n", "  indented", " <b>not bold</b>", " end"]
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import time
 from urllib.parse import urlsplit
 
@@ -15,14 +13,10 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado_sse.demo import FakeUpstream, Script
 
 
-from .browser import CHROMIUM, SOURCE, answered, ask, open_page, until, wait_for
+from .browser import SOURCE, answered, ask, needs_chromium, open_page, until, wait_for
 from .browser import page_settings, settings  # noqa: F401 (fixtures, by name)
 
-pytestmark = [
-    pytest.mark.gen_test(timeout=40),
-    pytest.mark.skipif(not shutil.which(CHROMIUM) and not os.environ.get("CI"),
-                       reason="Debian's chromium is not installed (.ci/run installs it)"),
-]
+pytestmark = [pytest.mark.gen_test(timeout=40), needs_chromium]
 
 
 async def test_each_question_is_one_upstream_request_and_a_follow_up_sends_the_earlier_turns(

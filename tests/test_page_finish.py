@@ -3,21 +3,15 @@ limit or a content filter (the `finish` event), in a real headless Chromium."""
 
 from __future__ import annotations
 
-import os
-import shutil
 
 import pytest
 
 from tornado_sse.demo import FakeUpstream, Script
 
-from .browser import CHROMIUM, SOURCE, answered, ask, open_page
+from .browser import SOURCE, answered, ask, needs_chromium, open_page
 from .browser import page_settings, settings  # noqa: F401 (fixtures, by name)
 
-pytestmark = [
-    pytest.mark.gen_test(timeout=60),
-    pytest.mark.skipif(not shutil.which(CHROMIUM) and not os.environ.get("CI"),
-                       reason="Debian's chromium is not installed (.ci/run installs it)"),
-]
+pytestmark = [pytest.mark.gen_test(timeout=60), needs_chromium]
 
 
 async def test_an_answer_cut_at_the_limit_or_by_a_filter_says_so_and_a_whole_one_says_nothing(

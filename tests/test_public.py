@@ -13,23 +13,14 @@ from collections.abc import Iterator
 import pytest
 
 from tornado_sse.demo import FakeUpstream, Script
-from tornado_sse.settings import Settings
 
-from .conftest import OWNER, with_settings
+from .conftest import OWNER, tuned, with_settings
 from .sseclient import ask, open_raw, parse_events, read_until, serving
 
 END = ("update", "<END_STREAMING_SSE>")
 pytestmark = pytest.mark.gen_test(timeout=30)
 
 
-def tuned(**changes: object):
-    """Override the `settings` fixture for one test module section via indirect parametrization."""
-    return pytest.mark.parametrize("settings", [changes], indirect=True)
-
-
-@pytest.fixture
-def settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
-    return with_settings(settings, **getattr(request, "param", {}))
 
 
 async def wait_until(condition, timeout: float = 3.0) -> None:

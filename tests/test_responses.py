@@ -22,16 +22,12 @@ from tornado_sse.errors import ErrorInStream, IncompleteStream, MalformedChunk
 from tornado_sse.responses import ResponsesBackend, parse_response_event
 from tornado_sse.settings import Settings
 
-from .conftest import API_KEY, with_settings
+from .conftest import API_KEY
 from .sseclient import ask, open_raw, read_until
 from .test_ask import FAILURES, TRICKY, assert_failed_cleanly
 
 END = ("update", "<END_STREAMING_SSE>")
 
-
-@pytest.fixture
-def settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
-    return with_settings(settings, **getattr(request, "param", {}))
 
 
 @pytest.fixture

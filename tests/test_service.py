@@ -14,7 +14,6 @@ from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.handlers import _is_loopback
 from tornado_sse.streams import log_id
 
-from .conftest import with_settings
 from .sseclient import ask
 from .test_cli import CLEAN_ENV, fetch, running
 
@@ -45,10 +44,6 @@ async def test_metrics_count_streams_by_outcome_rejections_and_upstream_errors(b
     assert metric(text, "tornado_sse_time_to_first_token_seconds_count") == 1
     assert metric(text, "tornado_sse_stream_duration_seconds_count") == 2
 
-
-@pytest.fixture
-def settings(request: pytest.FixtureRequest, settings):
-    return with_settings(settings, **getattr(request, "param", {}))
 
 
 PROXIED = [{"X-Forwarded-For": "127.0.0.1"}, {"X-Real-IP": "127.0.0.1"}, {"Forwarded": "for=127.0.0.1"},

@@ -136,10 +136,6 @@ async def test_connection_refused_is_httpxs_connect_error():
             await client.get(f"http://127.0.0.1:{port}/")
 
 
-@pytest.fixture
-def settings(request: pytest.FixtureRequest, settings):
-    return with_settings(settings, **getattr(request, "param", {}))
-
 
 @pytest.mark.parametrize("settings", [{"upstream_transport": "aiohttp"}], indirect=True)
 async def test_the_sdks_aiohttp_client_streams_the_same(base_url, fake):

@@ -8,8 +8,6 @@ and closes the EventSource at the end frame; nothing else. Served from the serve
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,13 +15,9 @@ from playwright.async_api import Route, async_playwright
 
 from tornado_sse.demo import FakeUpstream, Script, demo_reply
 
-from .browser import CHROMIUM, FLAGS
+from .browser import CHROMIUM, FLAGS, needs_chromium
 
-pytestmark = [
-    pytest.mark.gen_test(timeout=40),
-    pytest.mark.skipif(not shutil.which(CHROMIUM) and not os.environ.get("CI"),
-                       reason="Debian's chromium is not installed (.ci/run installs it)"),
-]
+pytestmark = [pytest.mark.gen_test(timeout=40), needs_chromium]
 
 TUTORIAL_PAGE = (Path(__file__).parent / "pages" / "tutorial.html").read_text()
 
