@@ -1,5 +1,5 @@
-"""Signals, as processes: SIGHUP drains like SIGTERM, and a second signal ends the drain at once,
-every open stream still ending with its end frame."""
+"""Signals, as processes: SIGTERM drains, SIGHUP drains like it, and a second signal ends the drain
+at once, every open stream still ending with its end frame."""
 
 from __future__ import annotations
 
@@ -41,6 +41,21 @@ def stream_across(signals: list[signal.Signals], *args: str, gap: float = 0.3
         took = time.monotonic() - signalled
         time.sleep(0.2)  # the log reader catches up
         return code, parse_events(dechunk(received)), took, list(lines)
+
+
+def test_sigterm_ends_open_streams_with_an_error_and_the_end_frame_then_exits_0() -> None:
+    code, events, took, _ = stream_across([signal.SIGTERM], "--drain-timeout", "0.3")
+    assert code == 0 and took < 3
+    assert events[-1] == END
+    assert events[-2][0] == "error" and json.loads(events[-2][1])["code"] == "server_shutdown"
+    assert "restarting" in json.loads(events[-2][1])["message"]
+
+
+def test_sigterm_lets_open_streams_finish_within_the_drain_timeout() -> None:
+    code, events, _, _ = stream_across([signal.SIGTERM], "--drain-timeout", "20")
+    assert code == 0
+    assert events[-1] == END and not [e for e in events if e[0] == "error"]
+    assert "connect a real model" in "".join(d for e, d in events if e == "update")
 
 
 def test_sighup_drains_like_sigterm() -> None:
