@@ -45,7 +45,7 @@ class AskHandler(BaseHandler):
         self.remote: RemoteStream | None = None  # a stream another instance produces (Redis)
         self.relay: asyncio.Task[None] | None = None
         self.socket: IOStream | None = None
-        self.closed: asyncio.Future[None] | None = None
+        self.over = False  # the stream ended or the reader left: no more pings
         self.active = False  # a frame went out since the keep-alive last looked
         self.streaming = False  # the response headers are out
         self.chunked = True  # the body is chunked (HTTP/1.1), or ends with the close (HTTP/1.0)
@@ -80,7 +80,7 @@ class AskHandler(BaseHandler):
         self.start_event_stream()
         self.stream = self.registry.start(conversation, question, restarted, self.client, owner)
         self.stream.attach(self)
-        await self.follow()
+        self.follow()
 
     async def resume(self, last_event_id: str) -> None:
         parsed = sse.parse_event_id(last_event_id)
@@ -107,7 +107,7 @@ class AskHandler(BaseHandler):
             return
         self.streaming = True
         self.flush()
-        await self.follow()
+        self.follow()
 
     async def resume_remote(self, remote: RemoteStream, after: int) -> None:
         backlog = await remote.backlog(after)
@@ -124,7 +124,7 @@ class AskHandler(BaseHandler):
         self.flush()
         self.remote = remote
         self.relay = asyncio.ensure_future(self.relay_remote(remote))
-        await self.follow()
+        self.follow()
 
     async def relay_remote(self, remote: RemoteStream) -> None:
         """Frames from the store as its producer writes them. When the producer dies or the store
@@ -157,16 +157,16 @@ class AskHandler(BaseHandler):
             self.request.headers.pop("Connection", None)
             self.set_header("Connection", "close")
         self.socket = cast(HTTP1Connection, self.request.connection).stream
-        self.closed = asyncio.get_running_loop().create_future()
 
-    async def follow(self) -> None:
-        """Wait while the stream writes to us; the Pinger pings while it is silent."""
-        assert self.closed is not None
-        self.pinger.add(self)
-        try:
-            await self.closed
-        finally:
-            self.pinger.discard(self)
+    def follow(self) -> None:
+        """From now on the stream writes to us and the Pinger pings while it is silent; get()
+        returns at once. With _auto_finish off, Tornado's _execute leaves the response open
+        (web.py: `if self._auto_finish and not self._finished: self.finish()`), and its task,
+        our coroutines and a Future to wait on no longer live as long as the stream (~2.5 KiB a
+        held stream in hold5000); end() or lost() finishes the response."""
+        self._auto_finish = False
+        if not self.over:
+            self.pinger.add(self)
 
     def keepalive(self) -> None:
         """The Pinger's look, every --keepalive seconds: a ping if nothing went out since the last."""
@@ -254,8 +254,8 @@ class AskHandler(BaseHandler):
         self.lost()
 
     def _resolve(self) -> None:
-        if self.closed is not None and not self.closed.done():
-            self.closed.set_result(None)
+        self.over = True
+        self.pinger.discard(self)
 
     def question(self) -> str:
         question = (self.query("question") or "").strip()
