@@ -12,6 +12,7 @@ import math
 import re
 from typing import Any, cast
 
+from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
@@ -107,6 +108,7 @@ class AskHandler(BaseHandler):
             return
         self.streaming = True
         self.flush()
+        self.forget_head()
         self.follow()
 
     async def resume_remote(self, remote: RemoteStream, after: int) -> None:
@@ -122,6 +124,7 @@ class AskHandler(BaseHandler):
             return
         self.streaming = True
         self.flush()
+        self.forget_head()
         self.remote = remote
         self.relay = asyncio.ensure_future(self.relay_remote(remote))
         self.follow()
@@ -158,6 +161,14 @@ class AskHandler(BaseHandler):
             self.set_header("Connection", "close")
         self.socket = cast(HTTP1Connection, self.request.connection).stream
 
+    def forget_head(self) -> None:
+        """The response head is out (RequestHandler.flush reads these only until then): its
+        headers, the owner cookie's Morsel and the request's parsed cookies need not live as long
+        as the stream (~1.3 kB a held stream)."""
+        self._headers = httputil.HTTPHeaders()
+        self.__dict__.pop("_new_cookie", None)
+        self.request.__dict__.pop("_cookies", None)  # HTTPServerRequest.cookies' cache
+
     def follow(self) -> None:
         """From now on the stream writes to us and the Pinger pings while it is silent; get()
         returns at once. With _auto_finish off, Tornado's _execute leaves the response open
@@ -187,6 +198,7 @@ class AskHandler(BaseHandler):
             self.streaming = True
             self.write(frame)
             written = self.flush()
+            self.forget_head()
         else:
             written = self.write_chunk(frame)
         if written is not None and socket.writing():  # the kernel buffer is full: a slow reader
