@@ -12,6 +12,7 @@ import math
 import re
 from typing import Any, cast
 
+from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
@@ -45,7 +46,7 @@ class AskHandler(BaseHandler):
         self.remote: RemoteStream | None = None  # a stream another instance produces (Redis)
         self.relay: asyncio.Task[None] | None = None
         self.socket: IOStream | None = None
-        self.closed: asyncio.Future[None] | None = None
+        self.over = False  # the stream ended or the reader left: no more pings
         self.active = False  # a frame went out since the keep-alive last looked
         self.streaming = False  # the response headers are out
         self.chunked = True  # the body is chunked (HTTP/1.1), or ends with the close (HTTP/1.0)
@@ -80,7 +81,7 @@ class AskHandler(BaseHandler):
         self.start_event_stream()
         self.stream = self.registry.start(conversation, question, restarted, self.client, owner)
         self.stream.attach(self)
-        await self.follow()
+        self.follow()
 
     async def resume(self, last_event_id: str) -> None:
         parsed = sse.parse_event_id(last_event_id)
@@ -107,7 +108,8 @@ class AskHandler(BaseHandler):
             return
         self.streaming = True
         self.flush()
-        await self.follow()
+        self.forget_head()
+        self.follow()
 
     async def resume_remote(self, remote: RemoteStream, after: int) -> None:
         backlog = await remote.backlog(after)
@@ -122,9 +124,10 @@ class AskHandler(BaseHandler):
             return
         self.streaming = True
         self.flush()
+        self.forget_head()
         self.remote = remote
         self.relay = asyncio.ensure_future(self.relay_remote(remote))
-        await self.follow()
+        self.follow()
 
     async def relay_remote(self, remote: RemoteStream) -> None:
         """Frames from the store as its producer writes them. When the producer dies or the store
@@ -157,16 +160,24 @@ class AskHandler(BaseHandler):
             self.request.headers.pop("Connection", None)
             self.set_header("Connection", "close")
         self.socket = cast(HTTP1Connection, self.request.connection).stream
-        self.closed = asyncio.get_running_loop().create_future()
 
-    async def follow(self) -> None:
-        """Wait while the stream writes to us; the Pinger pings while it is silent."""
-        assert self.closed is not None
-        self.pinger.add(self)
-        try:
-            await self.closed
-        finally:
-            self.pinger.discard(self)
+    def forget_head(self) -> None:
+        """The response head is out (RequestHandler.flush reads these only until then): its
+        headers, the owner cookie's Morsel and the request's parsed cookies need not live as long
+        as the stream (~1.3 kB a held stream)."""
+        self._headers = httputil.HTTPHeaders()
+        self.__dict__.pop("_new_cookie", None)
+        self.request.__dict__.pop("_cookies", None)  # HTTPServerRequest.cookies' cache
+
+    def follow(self) -> None:
+        """From now on the stream writes to us and the Pinger pings while it is silent; get()
+        returns at once. With _auto_finish off, Tornado's _execute leaves the response open
+        (web.py: `if self._auto_finish and not self._finished: self.finish()`), and its task,
+        our coroutines and a Future to wait on no longer live as long as the stream (~2.5 KiB a
+        held stream in hold5000); end() or lost() finishes the response."""
+        self._auto_finish = False
+        if not self.over:
+            self.pinger.add(self)
 
     def keepalive(self) -> None:
         """The Pinger's look, every --keepalive seconds: a ping if nothing went out since the last."""
@@ -187,6 +198,7 @@ class AskHandler(BaseHandler):
             self.streaming = True
             self.write(frame)
             written = self.flush()
+            self.forget_head()
         else:
             written = self.write_chunk(frame)
         if written is not None and socket.writing():  # the kernel buffer is full: a slow reader
@@ -254,8 +266,8 @@ class AskHandler(BaseHandler):
         self.lost()
 
     def _resolve(self) -> None:
-        if self.closed is not None and not self.closed.done():
-            self.closed.set_result(None)
+        self.over = True
+        self.pinger.discard(self)
 
     def question(self) -> str:
         question = (self.query("question") or "").strip()
