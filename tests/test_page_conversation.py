@@ -141,7 +141,10 @@ async def test_a_reload_keeps_the_conversation_and_its_follow_ups(base_url, requ
         fake.script = Script(deltas=["second answer"])
         await ask(page, "two")
         await answered(page)
+        # Each answer's timings render on the next frame after its end: wait for both to show.
+        await until(page, "[...document.querySelectorAll('.metrics')].every(m => m.textContent)")
         metrics = await page.locator(".metrics").all_text_contents()
+        assert len(metrics) == 2
         await page.reload()
         assert await page.locator(".turn .question").all_text_contents() == ["one", "two"]
         assert await page.text_content(".turn li") == "first answer"  # rendered again
