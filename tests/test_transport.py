@@ -69,7 +69,27 @@ async def test_a_malformed_chunked_body_is_a_protocol_error(wire):
         await decode_chunked(wire, [])
 
 
-class CountingServer:
+class BareServer:
+    """A bare asyncio server on loopback: `async with` gives its base URL; `handle` serves one
+    connection. Connections still open at the end are closed."""
+
+    writers: list[asyncio.StreamWriter]
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        for writer in getattr(self, "writers", []):
+            writer.close()
+            await writer.wait_closed()
+
+
+class CountingServer(BareServer):
     """A bare HTTP/1.1 server that answers each request with `responses`, counting connections."""
 
     def __init__(self, responses: list[bytes], close_after_each: bool = False):
@@ -88,13 +108,6 @@ class CountingServer:
             if self.close_after_each:
                 break
         writer.close()
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.close()
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -147,7 +160,7 @@ async def test_the_sdks_aiohttp_client_streams_the_same(base_url, fake):
     assert cut.text == "x" and '"upstream_incomplete"' in cut.errors[0]
 
 
-class StaleAfterWarmUp:
+class StaleAfterWarmUp(BareServer):
     """An upstream whose kept-alive connections, once `stale` is set, read the next request and
     close without answering (as a server that timed them out does); new connections answer."""
 
@@ -173,16 +186,6 @@ class StaleAfterWarmUp:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         writer.close()
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.close()
-        for writer in self.writers:
-            writer.close()
-            await writer.wait_closed()
 
 
 async def test_a_request_on_stale_kept_alive_connections_is_resent_once_and_logged(caplog):
