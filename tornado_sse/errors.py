@@ -94,14 +94,13 @@ _CONTENT_FILTER = Failure(
 )
 
 PROVIDER_SAID_CHARS = 200
-# What must not reach a page even inside the provider's own words: API keys (OpenAI's `sk-...`,
-# masked or not), bearer tokens, organization ids, and long hex or base64 runs (other keys,
-# signatures).
-_SECRETS = re.compile(
-    r"\bsk-[\w*.-]{3,}|\bBearer\s+\S+|\borg-[A-Za-z0-9]{6,}|\b[0-9a-fA-F]{24,}\b"
-    r"|[A-Za-z0-9+/_-]{32,}={0,2}")
-# The part of _SECRETS that may hide in an exception's text in the server log.
-_KEYS = re.compile(r"\bsk-[\w*.-]{3,}|\bBearer\s+\S+")
+# API keys (OpenAI's `sk-...`, masked or not) and bearer tokens: what may hide in an exception's
+# text in the server log.
+_KEY_PATTERN = r"\bsk-[\w*.-]{3,}|\bBearer\s+\S+"
+_KEYS = re.compile(_KEY_PATTERN)
+# What must not reach a page even inside the provider's own words: those, organization ids, and
+# long hex or base64 runs (other keys, signatures).
+_SECRETS = re.compile(_KEY_PATTERN + r"|\borg-[A-Za-z0-9]{6,}|\b[0-9a-fA-F]{24,}\b|[A-Za-z0-9+/_-]{32,}={0,2}")
 # The endpoint LiteLLM puts before its messages ("/chat/completions: ...").
 _PATH_PREFIX = re.compile(r"^/[\w/.-]*:\s*")
 
