@@ -29,7 +29,7 @@ from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.settings import Settings
 
 from .conftest import OWNER, tuned, with_settings
-from .sseclient import ask
+from .sseclient import ask, read_until
 from .test_cli import CLEAN_ENV
 
 pytestmark = pytest.mark.gen_test(timeout=30)
@@ -188,7 +188,8 @@ def outward_address() -> str:
 async def outward_server(settings: Settings) -> AsyncIterator[tuple[str, int]]:
     """The server on this machine's non-loopback address: (address, port)."""
     address = outward_address()
-    server = make_server(make_app(settings, OpenAIBackend(settings)), settings)
+    backend = OpenAIBackend(settings)
+    server = make_server(make_app(settings, backend), settings)
     [listener] = tornado.netutil.bind_sockets(0, address)
     port = listener.getsockname()[1]
     server.add_sockets([listener])
@@ -196,6 +197,7 @@ async def outward_server(settings: Settings) -> AsyncIterator[tuple[str, int]]:
         yield address, port
     finally:
         server.stop()
+        await backend.close()  # its kept-alive upstream connections
 
 
 async def test_connections_over_the_per_address_cap_get_429_and_are_closed(settings, fake):
@@ -213,6 +215,35 @@ async def test_connections_over_the_per_address_cap_get_429_and_are_closed(setti
         assert answer.code == 200  # a slot came back
         for _, w in held[1:]:
             w.close()
+
+
+async def test_held_streams_count_against_the_per_address_cap_until_their_connections_close(settings, fake):
+    # /ask hands its connection over once the head is out (eventsocket.py): it still counts, as
+    # a held stream and then as a kept-alive connection, until it closes.
+    fake.script = Script(deltas=["first", "second"], token_delay=0.5)
+    async with outward_server(with_settings(settings, max_connections_per_address=2)) as (address, port):
+        streams = [await asyncio.open_connection(address, port) for _ in range(2)]
+        for reader, writer in streams:
+            writer.write(f"GET /ask?question=q HTTP/1.1\r\nHost: {address}\r\n\r\n".encode())
+            await read_until(reader, b"data: first")
+
+        async def third() -> bytes:
+            reader, writer = await asyncio.open_connection(address, port)
+            writer.write(f"GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n".encode())
+            try:
+                return await asyncio.wait_for(reader.read(), 5)
+            finally:
+                writer.close()
+
+        assert (await third()).startswith(b"HTTP/1.1 429 ")  # both streams held
+        for reader, _ in streams:
+            await read_until(reader, b"\r\n0\r\n\r\n")
+        assert (await third()).startswith(b"HTTP/1.1 429 ")  # both ended, connections kept alive
+        for _, writer in streams:
+            writer.close()
+        await asyncio.sleep(0.3)
+        answer = await AsyncHTTPClient().fetch(f"http://{address}:{port}/healthz")
+        assert answer.code == 200  # the slots came back
 
 
 async def test_behind_a_proxy_the_per_address_cap_is_off(settings, fake):

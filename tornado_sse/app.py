@@ -14,7 +14,8 @@ import tornado.web
 
 from .backend import Backend
 from .guard import Gate
-from .ask import AskHandler, Pinger
+from .ask import AskHandler
+from .eventsocket import Pinger
 from .handlers import (HealthHandler, MetricsHandler, NotFoundHandler, PageHandler, SignInHandler,
                        SignOutHandler, StopHandler)
 from .logs import StreamSummary, log_request
@@ -83,8 +84,10 @@ def make_server(app: tornado.web.Application, settings: Settings) -> tornado.htt
         ssl_context.load_cert_chain(settings.certfile, settings.keyfile)
     # Behind a proxy every connection comes from the proxy: the per-address cap would cap it.
     per_address = 0 if settings.trust_proxy_headers else settings.max_connections_per_address
-    return EdgeServer(
+    server = EdgeServer(
         app, max_header_size=max_head_bytes(settings.max_question_chars),
         max_body_size=MAX_BODY_BYTES, ssl_options=ssl_context, xheaders=settings.trust_proxy_headers,
         header_timeout=settings.header_timeout, keep_alive_timeout=settings.keep_alive_timeout,
         max_connections_per_address=per_address)
+    app.settings["edge"] = server  # /ask hands its event streams' connections over to it
+    return server

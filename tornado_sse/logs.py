@@ -62,17 +62,21 @@ def configure(level: int, fmt: str) -> None:
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """The access log line: the path without its query string, which holds the question."""
-    status = handler.get_status()
+    request = handler.request
+    log_access(handler.get_status(), request.method or "", request.path, request.remote_ip,
+               time.time() - request.request_time())
+
+
+def log_access(status: int, method: str, path: str, client: str | None, started: float) -> None:
+    """An access log line for a response that is complete; `started` is its request's time.time()."""
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     if not access_log.isEnabledFor(level):  # --log-level warning: no line, so nothing to build
         return
-    request = handler.request
-    duration = 1000.0 * request.request_time()
+    duration = 1000.0 * (time.time() - started)
     # The path arrives as bytes read as Latin-1: a raw 0x9B is U+009B, a terminal's CSI.
-    access_log.log(level, "%d %s %s %s %.1fms", status, request.method,
-                   _UNSAFE.sub(_escape, request.path), request.remote_ip, duration,
-                   extra={"status": status, "method": request.method, "path": request.path,
-                          "client": request.remote_ip, "duration_ms": round(duration, 1)})
+    access_log.log(level, "%d %s %s %s %.1fms", status, method, _UNSAFE.sub(_escape, path), client,
+                   duration, extra={"status": status, "method": method, "path": path,
+                                    "client": client, "duration_ms": round(duration, 1)})
 
 
 class StreamSummary:

@@ -25,6 +25,7 @@ import tornado.httpserver
 from tornado.http1connection import HTTP1Connection, HTTP1ServerConnection
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, SSLIOStream, UnsatisfiableReadError
+from tornado.web import RequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,12 @@ def _is_loopback(address: str) -> bool:
 
 
 class _Connection:
-    __slots__ = ("address", "requests")
+    __slots__ = ("address", "requests", "context")
 
     def __init__(self, address: str):
         self.address = address
         self.requests = 0
+        self.context: Any = None  # while an event stream holds the connection: its address etc.
 
 
 class EdgeServer(tornado.httpserver.HTTPServer):
@@ -127,12 +129,52 @@ class EdgeServer(tornado.httpserver.HTTPServer):
         return super().start_request(server_conn, request_conn)
 
     def on_close(self, server_conn: object) -> None:
-        connection = self.connections.pop(cast(HTTP1ServerConnection, server_conn).stream, None)
+        stream = cast(HTTP1ServerConnection, server_conn).stream
+        connection = self.connections.get(stream)
+        if connection is None or connection.context is None:  # else an event stream holds it
+            self.release(stream)
+        super().on_close(server_conn)
+
+    # -- event streams: /ask takes its connection from Tornado, and gives it back at the end ------
+
+    def hand_over(self, handler: RequestHandler) -> IOStream:
+        """The connection of `handler`, whose response head is out, away from Tornado's HTTP
+        machinery (RequestHandler.detach, as websockets do). It still counts as open here until
+        `serve_again` or `release`."""
+        request_conn = cast(HTTP1Connection, handler.request.connection)
+        connection = self.connections.get(request_conn.stream)
+        if connection is not None:
+            connection.context = request_conn.context
+        return handler.detach()
+
+    def serve_again(self, stream: IOStream) -> None:
+        """A handed-over connection's response is complete: read its next request, as Tornado's
+        own HTTP1ServerConnection loop would have (HTTPServer.handle_stream)."""
+        connection = self.connections.get(stream)
+        if connection is None or connection.context is None or stream.closed():
+            stream.close()
+            self.release(stream)
+            return
+        context, connection.context = connection.context, None
+        stream.set_nodelay(False)  # Tornado's default between responses (_finish_request)
+        server_conn = HTTP1ServerConnection(stream, self.conn_params, context)
+        self._connections.add(server_conn)
+        server_conn.start_serving(self)
+
+    async def close_all_connections(self) -> None:
+        # Tornado's own closes the connections it serves; the handed-over ones are ours to close.
+        for stream, connection in list(self.connections.items()):
+            if connection.context is not None:
+                stream.close()
+        await super().close_all_connections()
+
+    def release(self, stream: IOStream) -> None:
+        """The connection is closed: it no longer counts against its address."""
+        connection = self.connections.pop(stream, None)
         if connection is not None:
             self.open_per_address[connection.address] -= 1
             if not self.open_per_address[connection.address]:
                 del self.open_per_address[connection.address]
-        super().on_close(server_conn)
 
     @staticmethod
     def _refuse(stream: IOStream, response: bytes) -> None:

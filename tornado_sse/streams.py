@@ -32,7 +32,7 @@ SHUTTING_DOWN = Failure("server_shutdown", "The server is restarting. Please ask
 
 
 class Listener(Protocol):
-    """The connection reading a stream (AskHandler)."""
+    """The connection reading a stream (eventsocket.EventSocket)."""
 
     async def send(self, frame: bytes) -> None: ...  # never raises: a failed send detaches it
 
@@ -148,21 +148,22 @@ class Stream:
 
     # -- who reads it ----------------------------------------------------------------------------
 
-    def attach(self, listener: Listener, after: int | None = None) -> list[bytes] | None:
-        """`listener` reads from now on; returns the frames after seq `after` to replay first, or
-        None when they are no longer buffered (the caller says the answer was cut off)."""
-        backlog: list[bytes] = []
-        if after is not None:
-            if self.frames is None or after + 1 < self.seq - len(self.frames) + 1 or after > self.seq:
-                return None
-            backlog = list(self.frames)[len(self.frames) - (self.seq - after):] if after < self.seq else []
+    def backlog(self, after: int) -> list[bytes] | None:
+        """The frames after seq `after`, to replay to a reader that comes back; None when they are
+        no longer buffered (the caller says the answer was cut off)."""
+        frames = self.frames
+        if frames is None or after + 1 < self.seq - len(frames) + 1 or after > self.seq:
+            return None
+        return list(frames)[len(frames) - (self.seq - after):] if after < self.seq else []
+
+    def attach(self, listener: Listener) -> None:
+        """`listener` reads from now on; the one before it, if any, is dropped."""
         if self._grace_timer is not None:
             self._grace_timer.cancel()
             self._grace_timer = None
         if self.listener is not None and self.listener is not listener:
             self.listener.drop()
         self.listener = None if self.done else listener
-        return backlog
 
     def detach(self, listener: Listener) -> None:
         """The reader went away (closed, too slow): abort now, or after the resume grace."""

@@ -1,0 +1,167 @@
+"""An event stream's connection once its response head is out: frames, pings, the end.
+
+/ask checks a request, writes the response head and takes the connection from Tornado's HTTP
+machinery (EdgeServer.hand_over). From then on a held stream costs this small object and its
+IOStream, instead of Tornado's request, handler, connection objects and the coroutines waiting on
+them (~6 kB a held stream, issue 12). At the end the body's last chunk goes out and the connection
+goes back to the server for its next request (keep-alive), or closes: on HTTP/1.0, whose body only
+the close can end, or when the request said `Connection: close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+
+from . import sse
+
+if TYPE_CHECKING:
+    from .server import EdgeServer
+    from .streams import Stream
+    from .store import RemoteStream
+
+
+class EventSocket:
+    """The Listener a Stream writes to (streams.Listener), on a connection whose head is out."""
+
+    __slots__ = ("io", "edge", "chunked", "keep_alive", "send_timeout", "pinger", "log_access",
+                 "stream", "remote", "relay", "active", "over")
+
+    def __init__(self, io: IOStream, edge: EdgeServer | None, *, chunked: bool, keep_alive: bool,
+                 send_timeout: float, pinger: Pinger, log_access: Callable[[], None]):
+        self.io = io
+        self.edge = edge  # None: a server that cannot take a connection back; it closes instead
+        self.chunked = chunked  # HTTP/1.1: chunks; HTTP/1.0: bare frames, the close ends the body
+        self.keep_alive = keep_alive and chunked and edge is not None
+        self.send_timeout = send_timeout
+        self.pinger = pinger
+        self.log_access = log_access  # the access log line, written when the response is complete
+        self.stream: Stream | None = None
+        self.remote: RemoteStream | None = None  # a stream another instance produces (Redis)
+        self.relay: asyncio.Task[None] | None = None  # the task following `remote`
+        self.active = False  # a frame went out since the Pinger last looked
+        self.over = False  # ended or lost: nothing more is written
+        # Each frame is a whole message: send it now. Tornado leaves Nagle's algorithm on until a
+        # response is finished; asyncio's transports and nginx (tcp_nodelay on) turn it off.
+        io.set_nodelay(True)
+        io.set_close_callback(self._closed)  # the browser went away
+        pinger.add(self)
+
+    async def send(self, frame: bytes) -> None:
+        """Write a frame now. Only a congested socket makes us wait, at most --send-timeout."""
+        self.active = True
+        written = self.write(frame)
+        if written is not None and self.io.writing():  # the kernel buffer is full: a slow reader
+            try:
+                await asyncio.wait_for(written, self.send_timeout)
+            except (StreamClosedError, TimeoutError):
+                self.lost()
+
+    def write(self, frame: bytes) -> asyncio.Future[None] | None:
+        """One frame as a chunk of the chunked response (bare on HTTP/1.0), straight to the socket
+        when nothing is queued: one send() call, no futures or callbacks. Whatever the kernel does
+        not take, and anything on TLS, goes through the IOStream, which keeps the order."""
+        io = self.io
+        if self.over or io.closed():
+            self.lost()
+            return None
+        data = b"%x\r\n%b\r\n" % (len(frame), frame) if self.chunked else frame
+        if not io.writing() and not isinstance(io, SSLIOStream):
+            try:
+                sent = io.socket.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.lost()
+                return None
+            if sent == len(data):
+                return None
+            data = data[sent:]
+        return io.write(data)
+
+    def keepalive(self) -> None:
+        """The Pinger's look, every --keepalive seconds: a ping if nothing went out since the last."""
+        if self.active:
+            self.active = False
+        elif not self.over:
+            self.write(sse.PING)
+
+    def end(self) -> None:
+        """The stream is over: the body's end, then the connection's next request, or its close."""
+        if self.over:
+            return
+        self._finish()
+        io = self.io
+        if io.closed():
+            return
+        self.log_access()
+        if self.keep_alive:
+            io.set_close_callback(None)  # from here on the server watches the connection
+        # b"" on HTTP/1.0: a future for when everything queued is out, then the close ends the body.
+        written = io.write(b"0\r\n\r\n" if self.chunked else b"")
+        written.add_done_callback(self._sent_last)
+
+    def _sent_last(self, written: asyncio.Future[None]) -> None:
+        if written.exception() is not None or self.io.closed():
+            if self.keep_alive and self.edge is not None:
+                self.edge.release(self.io)
+            return
+        if self.keep_alive and self.edge is not None:
+            self.edge.serve_again(self.io)
+        else:
+            self.io.close()
+
+    def drop(self) -> None:
+        """Another connection took the stream over."""
+        self.lost()
+
+    def lost(self) -> None:
+        """Gone or too slow: let the stream go on without us (or abort), close the socket."""
+        if self.stream is not None:
+            self.stream.detach(self)
+        if self.remote is not None:
+            self.remote.detach()
+            if self.relay is not None and self.relay is not asyncio.current_task():
+                self.relay.cancel()
+        if not self.io.closed():
+            self.io.close()  # runs _closed, which gives the connection's place back
+        self._finish()
+
+    def _closed(self) -> None:
+        if self.edge is not None:
+            self.edge.release(self.io)
+        self.lost()
+
+    def _finish(self) -> None:
+        self.over = True
+        self.pinger.discard(self)
+
+
+class Pinger:
+    """One timer for every open stream instead of a keep-alive task each (a task and its
+    coroutine are ~1.5 kB a stream, and thousands of timers to re-arm): every `interval` seconds
+    it asks each stream being followed to ping if it has been silent since the last look. A
+    silent stream still gets its first ping between one and two intervals after its last frame."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.sockets: dict[EventSocket, None] = {}  # ordered: pings go out in arrival order
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, socket: EventSocket) -> None:
+        self.sockets[socket] = None
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self._tick)
+
+    def discard(self, socket: EventSocket) -> None:
+        self.sockets.pop(socket, None)
+
+    def _tick(self) -> None:
+        self._timer = None
+        for socket in list(self.sockets):
+            socket.keepalive()
+        if self.sockets:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self._tick)
