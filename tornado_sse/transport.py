@@ -183,6 +183,11 @@ class Exchange:
         self.status, self.headers = status, headers
         self._pool, self._key, self._conn, self._reusable = pool, key, conn, reusable
 
+    @property
+    def ended(self) -> bool:
+        """The whole body has arrived (the last of it may still be unread)."""
+        return self._conn.complete
+
     def chunks(self) -> AsyncIterator[bytes]:
         return self._conn.read_body()
 
