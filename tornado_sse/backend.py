@@ -111,7 +111,7 @@ class OpenAIBackend:
                         if data == b"[DONE]":
                             # A server that names no finish_reason ended normally all the same.
                             yield Finish(reason or "stop", usage)
-                            await drain(chunks)
+                            await drain(chunks, response.ended)
                             return
                         content, reasoning, tail = parse_chat_chunk(data)
                         if reasoning:
@@ -191,6 +191,7 @@ class SDKAnswer:
     """An httpx Response, read as an Exchange is (the aiohttp client, a redirect)."""
 
     __slots__ = ("_response",)
+    ended = False  # unknown: drain() waits a little for the body's end
 
     def __init__(self, response: httpx2.Response):
         self._response = response
@@ -261,8 +262,13 @@ def refused_parameter(exc: openai.APIStatusError) -> str | None:
     return found.group(1) if found else None
 
 
-async def drain(chunks: AsyncIterator[bytes]) -> None:
-    """Read what follows [DONE] (the end of the chunked body) so the connection can be reused."""
+async def drain(chunks: AsyncIterator[bytes], ended: bool = False) -> None:
+    """Read what follows [DONE] (the end of the chunked body) so the connection can be reused.
+    `ended`: the body's end has arrived already, so reading the rest never waits."""
+    if ended:  # no timer to arm and cancel: ~1% of a stream's CPU in burst2000 (the usual case)
+        async for _ in chunks:
+            pass
+        return
     try:
         async with asyncio.timeout(0.1):
             async for _ in chunks:

@@ -34,7 +34,8 @@ SHUTTING_DOWN = Failure("server_shutdown", "The server is restarting. Please ask
 class Listener(Protocol):
     """The connection reading a stream (eventsocket.EventSocket)."""
 
-    async def send(self, frame: bytes) -> None: ...  # never raises: a failed send detaches it
+    # One frame, or several written at once. Never raises: a failed send detaches it.
+    async def send(self, frame: bytes) -> None: ...
 
     def end(self) -> None: ...  # the stream is over: finish the response
 
@@ -118,23 +119,30 @@ class Stream:
             await upstream.aclose()  # closes the upstream response, whatever happened
         if failure is not None:
             self.outcome = failure.code
-            await self.emit("error", json.dumps({"code": failure.code, "message": failure.message}))
+            last = self.number("error", json.dumps({"code": failure.code, "message": failure.message}))
         elif self.stopped:
             self.outcome = "stopped"
-            await self.emit("finish", STOPPED)
+            last = self.number("finish", STOPPED)
         else:
             self.outcome = "done"
-            await self.emit("finish", finish_data(self.finish or Finish("stop")))
+            last = self.number("finish", finish_data(self.finish or Finish("stop")))
         if self.registry.store.name != "memory":
             # Before the end frame: a follow-up sent the moment it arrives may reach another
             # instance, which must already see this turn.
+            await self.send(last)
+            last = b""
             await self.registry.keep_turn(self)
-        await self.emit("update", sse.END_MARKER)
+        # The last two frames in one write: a send() call less a stream (~2% of burst2000's CPU).
+        await self.send(last + self.number("update", sse.END_MARKER))
         self.done = True
         if self.listener is not None:
             self.listener.end()
 
     async def emit(self, event: str, data: str) -> None:
+        await self.send(self.number(event, data))
+
+    def number(self, event: str, data: str) -> bytes:
+        """The next frame, numbered (and padded), kept for a returning reader and shared."""
         self.seq += 1
         frame = sse.encode_event(event, data, f"{self.id}.{self.seq}")
         if self.registry.pad_frames:
@@ -143,8 +151,12 @@ class Stream:
             self.frames.append(frame)
         if self.share is not None:
             self.share(self, frame)
+        return frame
+
+    async def send(self, frames: bytes) -> None:
+        """To the reader, if there is one now: one frame, or several written at once."""
         if self.listener is not None:
-            await self.listener.send(frame)
+            await self.listener.send(frames)
 
     # -- who reads it ----------------------------------------------------------------------------
 

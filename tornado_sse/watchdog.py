@@ -13,7 +13,8 @@ class Watchdog:
 
     `first` bounds the wait for the first token (request, headers and all), `idle` every silence
     after it. `touch()` only stores the time: the timer re-arms itself lazily when it fires early,
-    so the per-token cost is one attribute store instead of a timer heap operation.
+    so the per-token cost is one attribute store instead of a timer heap operation. It is first
+    armed for the shorter of the two limits, so the first token need not re-arm it either.
     """
 
     def __init__(self, first: float, idle: float):
@@ -30,12 +31,9 @@ class Watchdog:
     def touch(self) -> None:
         """A token arrived."""
         self._last = self._loop.time()
-        if not self._started:  # from now on the (usually shorter) idle limit applies
+        if not self._started:  # from now on the idle limit applies
             self._started = True
             self._limit = self._idle
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = self._loop.call_at(self._last + self._idle, self._check)
 
     def _check(self) -> None:
         due = self._last + self._limit
@@ -47,7 +45,8 @@ class Watchdog:
 
     async def __aenter__(self) -> Watchdog:
         self._task = asyncio.current_task()
-        self._timer = self._loop.call_at(self._last + self._limit, self._check)
+        # Due no later than either limit would be: _check waits on for whichever applies.
+        self._timer = self._loop.call_at(self._last + min(self._first, self._idle), self._check)
         return self
 
     async def __aexit__(
