@@ -94,8 +94,12 @@ async def ask(page: Page, question: str) -> None:
 
 
 async def answered(page: Page, timeout: float = 10.0) -> None:
-    """The answer is over (ended, failed or stopped): Send is enabled again."""
+    """The answer is over (ended, failed or stopped): Send is enabled again, and the page has
+    drawn the answer's last state. It draws on the next animation frame (app.js renderSoon), so
+    a short answer can enable Send before its text is shown: a frame callback asked for now runs
+    after the one the page asked for before."""
     await page.wait_for_selector("#ask:not([disabled])", state="attached", timeout=timeout * 1000)
+    await page.evaluate("new Promise(resolve => requestAnimationFrame(() => resolve(null)))")
 
 
 async def until(page: Page, expression: str, timeout: float = 5.0) -> Any:

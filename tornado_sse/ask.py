@@ -75,12 +75,15 @@ class AskHandler(BaseHandler):
             conversation, restarted = await store.open(self.query("conversation"), owner)
         except StoreError as exc:
             raise ClientError(503, exc.failure.code, exc.failure.message, {"Retry-After": "5"}) from None
+        stream, first = self.registry.start(conversation, question, restarted, self.client, owner)
         self.start_event_stream()
+        self.write(first)  # with the response head, in one send()
         socket = self.hand_over()
-        if socket is None:  # the browser left while we waited: nothing to answer
+        if socket is None:  # the browser left while we waited: nobody can come back for it
+            stream.abort()
             return
-        socket.stream = self.registry.start(conversation, question, restarted, self.client, owner)
-        socket.stream.attach(socket)
+        socket.stream = stream
+        stream.attach(socket)
 
     async def resume(self, last_event_id: str) -> None:
         parsed = sse.parse_event_id(last_event_id)
@@ -192,9 +195,10 @@ async def relay_remote(socket: EventSocket, remote: RemoteStream, registry: Stre
         async for frames in remote.live():
             for frame in frames:
                 await socket.send(frame)
+        socket.end(b"")
     except StoreError as exc:
         failure = exc.failure
         error = json.dumps({"code": failure.code, "message": failure.message})
-        for seq, (event, data) in enumerate([("error", error), ("update", sse.END_MARKER)], 1):
-            await socket.send(registry.frame(event, data, f"{remote.id}.{remote.last + seq}"))
-    socket.end()
+        socket.end(b"".join(registry.frame(event, data, f"{remote.id}.{remote.last + seq}")
+                            for seq, (event, data) in enumerate([("error", error),
+                                                                 ("update", sse.END_MARKER)], 1)))

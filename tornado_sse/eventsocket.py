@@ -61,14 +61,17 @@ class EventSocket:
                 self.lost()
 
     def write(self, frame: bytes) -> asyncio.Future[None] | None:
-        """One frame as a chunk of the chunked response (bare on HTTP/1.0), straight to the socket
-        when nothing is queued: one send() call, no futures or callbacks. Whatever the kernel does
-        not take, and anything on TLS, goes through the IOStream, which keeps the order."""
-        io = self.io
-        if self.over or io.closed():
+        """One frame as a chunk of the chunked response (bare on HTTP/1.0)."""
+        if self.over or self.io.closed():
             self.lost()
             return None
-        data = b"%x\r\n%b\r\n" % (len(frame), frame) if self.chunked else frame
+        return self._write(b"%x\r\n%b\r\n" % (len(frame), frame) if self.chunked else frame)
+
+    def _write(self, data: bytes) -> asyncio.Future[None] | None:
+        """Straight to the socket when nothing is queued: one send() call, no futures or
+        callbacks. Whatever the kernel does not take, and anything on TLS, goes through the
+        IOStream, which keeps the order; its future says when that is out."""
+        io = self.io
         if not io.writing() and not isinstance(io, SSLIOStream):
             try:
                 sent = io.socket.send(data)
@@ -89,8 +92,9 @@ class EventSocket:
         elif not self.over:
             self.write(sse.PING)
 
-    def end(self) -> None:
-        """The stream is over: the body's end, then the connection's next request, or its close."""
+    def end(self, last: bytes) -> None:
+        """The stream is over: its last frames and the body's end in one write, then the
+        connection's next request, or its close."""
         if self.over:
             return
         self._finish()
@@ -98,15 +102,26 @@ class EventSocket:
         if io.closed():
             return
         self.log_access()
+        if self.chunked:
+            tail = b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last else b"0\r\n\r\n"
+        else:
+            tail = last  # HTTP/1.0: the close ends the body
         if self.keep_alive:
             io.set_close_callback(None)  # from here on the server watches the connection
-        # b"" on HTTP/1.0: a future for when everything queued is out, then the close ends the body.
-        written = io.write(b"0\r\n\r\n" if self.chunked else b"")
+        written = self._write(tail)
+        if written is None:
+            self._sent_last()
+            return
+        # A slow reader: the rest gets --send-timeout, as every frame did.
+        timer = asyncio.get_running_loop().call_later(self.send_timeout, io.close)
+        written.add_done_callback(lambda _: timer.cancel())
         written.add_done_callback(self._sent_last)
 
-    def _sent_last(self, written: asyncio.Future[None]) -> None:
-        if written.exception() is not None or self.io.closed():
-            if self.keep_alive and self.edge is not None:
+    def _sent_last(self, written: asyncio.Future[None] | None = None) -> None:
+        """The last byte is out (or the connection failed on the way)."""
+        failed = written is not None and written.exception() is not None
+        if failed or self.io.closed():
+            if self.keep_alive and self.edge is not None:  # the close callback is off
                 self.edge.release(self.io)
             return
         if self.keep_alive and self.edge is not None:

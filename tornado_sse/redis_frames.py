@@ -175,7 +175,7 @@ class RemoteReader:
     async def send(self, frame: bytes) -> None:
         pass
 
-    def end(self) -> None:
+    def end(self, last: bytes) -> None:
         pass
 
     def drop(self) -> None:

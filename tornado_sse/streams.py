@@ -37,7 +37,7 @@ class Listener(Protocol):
     # One frame, or several written at once. Never raises: a failed send detaches it.
     async def send(self, frame: bytes) -> None: ...
 
-    def end(self) -> None: ...  # the stream is over: finish the response
+    def end(self, last: bytes) -> None: ...  # the last frames: write them, finish the response
 
     def drop(self) -> None: ...  # another connection took over: close this one
 
@@ -78,15 +78,19 @@ class Stream:
 
     # -- the relay: backend deltas -> numbered frames -> the listener --------------------------
 
-    async def run(self, backend: Backend, messages: list[Message], restarted: bool) -> None:
+    def open(self, restarted: bool) -> bytes:
+        """The first frame, `meta`: the ids the page keeps. Numbered before the relay starts, so
+        /ask writes it with the response head, in one send()."""
         meta = {"conversation": self.conversation.id, "stream": self.id, "restarted": restarted}
-        await self.emit("meta", json.dumps(meta))
+        return self.number("meta", json.dumps(meta))
+
+    async def run(self, backend: Backend, messages: list[Message]) -> None:
         upstream = backend.stream(messages)
         failure: Failure | None = None
         try:
             try:
                 self.phase = "relay"
-                if self.stopped:  # Stop came while the meta frame went out
+                if self.stopped:  # Stop came before the relay's first step
                     raise asyncio.CancelledError
                 async for delta in upstream:
                     if isinstance(delta, Finish):  # the last item: sent after the loop
@@ -132,11 +136,12 @@ class Stream:
             await self.send(last)
             last = b""
             await self.registry.keep_turn(self)
-        # The last two frames in one write: a send() call less a stream (~2% of burst2000's CPU).
-        await self.send(last + self.number("update", sse.END_MARKER))
+        # The last frames and the response's end in one write: each send() to a loopback socket
+        # also runs the reader's side of TCP (~2% of burst2000's CPU a send).
+        last += self.number("update", sse.END_MARKER)
         self.done = True
         if self.listener is not None:
-            self.listener.end()
+            self.listener.end(last)
 
     async def emit(self, event: str, data: str) -> None:
         await self.send(self.number(event, data))
@@ -247,20 +252,20 @@ class StreamRegistry:
         return self.running >= self.max_streams
 
     def start(self, conversation: Conversation, question: str, restarted: bool,
-              client: str = "", owner: str = "") -> Stream:
+              client: str = "", owner: str = "") -> tuple[Stream, bytes]:
+        """A new stream, its relay task started, and its first frame (Stream.open)."""
         stream = Stream(self, conversation, question, owner)
         stream.client = client
         self.streams[stream.id] = stream
         self.running += 1
-        stream.task = asyncio.ensure_future(
-            stream.run(self.backend, conversation.messages(question), restarted))
+        stream.task = asyncio.ensure_future(stream.run(self.backend, conversation.messages(question)))
         # A done callback, not a `finally`: a task cancelled before its first step never runs its
         # coroutine, and its slot must be released all the same.
         stream.task.add_done_callback(lambda _: self._finished(stream))
         self.store.started(stream)
         for callback in self.on_start:
             callback(stream)
-        return stream
+        return stream, stream.open(restarted)  # numbered once the store knows the stream
 
     def pad_step(self) -> int:
         """A random 0..PAD_STEPS-1 for sse.pad. One urandom call per 4,096 frames: per frame,
