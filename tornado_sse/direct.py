@@ -27,6 +27,8 @@ from .transport import Exchange, FastTransport, key_of
 
 # The SDK's own log line before a retry (`_sleep_for_retry`), on its own logger.
 _sdk_log = openai._base_client.log
+# json.dumps with these arguments builds an encoder on every call (3.4 -> 2.6 us a body).
+_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class DirectPoster:
@@ -50,7 +52,7 @@ class DirectPoster:
         """A 2xx answer, its body unread; else the SDK's typed error, after its retries; None for
         a redirect, which the caller sends through the SDK's client (it follows redirects)."""
         # The bytes httpx's JSON encoding (and the SDK's openapi_dumps) would send.
-        content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        content = _to_json(body).encode()
         client = self._client
         max_retries = client.max_retries
         for retries_taken in range(max_retries + 1):

@@ -33,7 +33,9 @@ def encode_event(event: str, data: str, id: str | None = None) -> bytes:
     `event.data` unchanged (CRLF and CR arrive as LF: the format cannot carry them).
     """
     head = "id: " + id + "\nevent: " if id is not None else "event: "
-    return (head + event + "\ndata: " + "\ndata: ".join(_LINE_BREAK.split(data)) + "\n\n").encode()
+    if "\n" in data or "\r" in data:  # most tokens have no line break: no regex (0.5 -> 0.3 us)
+        data = "\ndata: ".join(_LINE_BREAK.split(data))
+    return (head + event + "\ndata: " + data + "\n\n").encode()
 
 
 def pad(frame: bytes, noise: int) -> bytes:
