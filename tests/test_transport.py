@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import re
-import socket
 
 import httpx2
 import pytest
@@ -149,42 +148,6 @@ async def test_connection_refused_is_httpxs_connect_error():
         with pytest.raises(httpx2.ConnectError):
             await client.get(f"http://127.0.0.1:{port}/")
 
-
-
-def full_listener() -> tuple[socket.socket, socket.socket]:
-    """A loopback listener whose accept queue is full (one unaccepted connection), so that the
-    kernel drops the next SYN: a connect() to it stays in progress."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    return listener, socket.create_connection(listener.getsockname())
-
-
-async def test_a_loopback_connect_still_in_progress_times_out_as_a_connect_timeout():
-    listener, queued = full_listener()
-    with listener, queued:
-        port = listener.getsockname()[1]
-        async with httpx2.AsyncClient(transport=FastTransport(connect_timeout=0.2)) as client:
-            with pytest.raises(httpx2.ConnectTimeout):
-                await client.get(f"http://127.0.0.1:{port}/")
-
-
-async def test_a_loopback_connect_in_progress_is_waited_for():
-    listener, queued = full_listener()
-    port = listener.getsockname()[1]
-    async with httpx2.AsyncClient(transport=FastTransport(connect_timeout=5)) as client:
-        request = asyncio.ensure_future(client.get(f"http://127.0.0.1:{port}/"))
-        await asyncio.sleep(0.05)
-        assert not request.done()
-        server = CountingServer([OK])  # accepts the queued connection: the SYN's retry gets in
-        server.server = await asyncio.start_server(server.handle, sock=listener)
-        try:
-            assert (await request).content == b"ok"
-        finally:
-            queued.close()
-            await asyncio.sleep(0.05)  # the queued connection's handler sees its end
-            await server.__aexit__()
-    assert server.connections == 2
 
 
 @pytest.mark.parametrize("settings", [{"upstream_transport": "aiohttp"}], indirect=True)
