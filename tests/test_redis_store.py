@@ -26,7 +26,7 @@ from tornado_sse.demo import Script
 from tornado_sse.redis_store import redacted
 from tornado_sse.settings import Settings, SettingsError
 from tornado_sse.store import MemoryStore, Store, make_store
-from tornado_sse.streams import StreamRegistry
+from tornado_sse.registry import StreamRegistry
 
 from .conftest import OWNER
 from .redisserver import RedisServer, redis_server

@@ -23,7 +23,7 @@ from .metrics import Metrics
 from .server import EdgeServer, max_head_bytes
 from .settings import Settings
 from .store import make_store
-from .streams import StreamRegistry
+from .registry import StreamRegistry
 
 MAX_BODY_BYTES = 64 * 1024  # only the sign-in form has a body
 

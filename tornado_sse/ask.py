@@ -25,7 +25,7 @@ from .metrics import Metrics
 from .server import EdgeServer
 from .settings import Settings
 from .store import STORE_DOWN, RemoteStream, StoreError
-from .streams import StreamRegistry
+from .registry import StreamRegistry
 
 # C0 controls other than tab, LF and CR: nothing a person types, and NUL breaks some upstreams.
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

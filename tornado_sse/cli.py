@@ -26,7 +26,7 @@ from .backend import Backend, OpenAIBackend
 from .demo import FakeUpstream, Script
 from .responses import ResponsesBackend
 from .settings import APIS, BACKENDS, LOG_LEVELS, REASONING_EFFORTS, Settings, SettingsError
-from .streams import StreamRegistry
+from .registry import StreamRegistry
 from .systemd import Notifier
 
 log = logging.getLogger("tornado_sse")

@@ -19,7 +19,7 @@ from .guard import (OWNER_COOKIE, SESSION_COOKIE, Gate, bearer, cross_site, new_
 from .settings import Settings
 from .metrics import Metrics
 from .store import StoreError
-from .streams import StreamRegistry
+from .registry import StreamRegistry
 
 log = logging.getLogger(__name__)
 

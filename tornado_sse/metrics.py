@@ -14,7 +14,8 @@ import openai
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
-from .streams import Stream, StreamRegistry
+from .registry import StreamRegistry
+from .streams import Stream
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 _TOKENS = (1, 10, 50, 100, 250, 500, 1000, 2000, 4000, 8000)
