@@ -122,6 +122,8 @@ class OpenAIBackend:
                             yield Delta("update", content)
                         if tail is not None:  # the last chunks: finish_reason, then usage
                             reason, usage = chunk_ending(tail, reason, usage)
+                    # Not held while the stream waits for its next read: ~0.5 kB a held stream.
+                    chunk = data = b""
                 raise IncompleteStream("the upstream ended the stream without data: [DONE]")
             finally:
                 await response.aclose()  # early: the upstream sees its connection closed at once

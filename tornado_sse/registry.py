@@ -49,7 +49,7 @@ class StreamRegistry:
         stream.task = asyncio.ensure_future(stream.run(self.backend, conversation.messages(question)))
         # A done callback, not a `finally`: a task cancelled before its first step never runs its
         # coroutine, and its slot must be released all the same.
-        stream.task.add_done_callback(lambda _: self._finished(stream))
+        stream.task.add_done_callback(stream.task_done)
         self.store.started(stream)
         for callback in self.on_start:
             callback(stream)
@@ -67,7 +67,8 @@ class StreamRegistry:
         stream = self.streams.get(stream_id)
         return stream if stream is not None and same_owner(stream.owner, owner) else None
 
-    def _finished(self, stream: Stream) -> None:
+    def finished(self, stream: Stream) -> None:
+        """A stream's relay task is done (Stream.task_done), however it ended."""
         self.running -= 1
         stream.finished_at = asyncio.get_running_loop().time()
         if not stream.recorded and (stream.answer or stream.outcome == "done"):
