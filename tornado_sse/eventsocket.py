@@ -3,7 +3,7 @@
 /ask checks a request, writes the response head and takes the connection from Tornado's HTTP
 machinery (EdgeServer.hand_over). From then on a held stream costs this small object and its
 IOStream, instead of Tornado's request, handler, connection objects and the coroutines waiting on
-them (~6 kB a held stream, issue 12). At the end the body's last chunk goes out and the connection
+them (~8 kB a held stream, issue 12). At the end the body's last chunk goes out and the connection
 goes back to the server for its next request (keep-alive), or closes: on HTTP/1.0, whose body only
 the close can end, or when the request said `Connection: close`.
 """
