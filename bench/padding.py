@@ -2,7 +2,7 @@
 
     python bench/padding.py            # medians of 9 rounds of 200,000 frames each
 
-It times exactly what Stream.emit does per token (tornado_sse/streams.py), with and without
+It times exactly what Stream.number does per token (tornado_sse/streams.py), with and without
 `--pad-frames`: the frame's bytes (sse.encode_event), then the random step
 (StreamRegistry.pad_step) and sse.pad. In-process and single-threaded, so a machine busy with other work changes the
 absolute numbers but hardly the difference. The whole relay (bench/run.py --scenario steady100,
@@ -16,7 +16,7 @@ import statistics
 import time
 
 from tornado_sse import sse
-from tornado_sse.streams import StreamRegistry
+from tornado_sse.registry import StreamRegistry
 
 # Token-sized deltas like a chat model's: 1 to 12 characters, some with a leading space.
 TOKENS = ["The", " answer", " is", " 42", ".", "\n\n", " Tornado", "'s", " event", " loop", ",",

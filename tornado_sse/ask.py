@@ -1,7 +1,7 @@
 """/ask, the SSE endpoint: one answer as Server-Sent Events, always ending with the end frame.
 
     browser -> AskHandler -> StreamRegistry.start -> Stream.run: backend.stream(messages)
-            <- EventSocket.send(frame) <- Stream.emit: sse.encode_event(...)
+            <- EventSocket.send(frame) <- Stream.number: sse.encode_event(...)
 """
 
 from __future__ import annotations

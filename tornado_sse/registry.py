@@ -99,7 +99,7 @@ class StreamRegistry:
             pass  # the write goes on (shielded); the end frame must go out all the same
 
     def frame(self, event: str, data: str, id: str) -> bytes:
-        """A frame as Stream.emit makes it, for frames written on a stream's behalf (a follower
+        """A frame as Stream.number makes it, for frames written on a stream's behalf (a follower
         whose producer died)."""
         frame = sse.encode_event(event, data, id)
         return sse.pad(frame, self.pad_step()) if self.pad_frames else frame
