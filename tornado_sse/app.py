@@ -42,8 +42,8 @@ def asset_dir(name: str) -> Path:
 
 
 def make_app(settings: Settings, backend: Backend) -> tornado.web.Application:
-    """The Application owns the stream registry (`app.settings["registry"]`): open streams, their
-    conversations, and the count the limits and the shutdown use."""
+    """The Application owns the stream registry (`app.settings["registry"]`): open streams and the
+    count the limits and the shutdown use (conversations are the store's)."""
     store = make_store(settings)  # conversations, the rate limit, what other instances read
     registry = StreamRegistry(backend, store, max_streams=settings.max_streams,
                               resume_grace=settings.resume_grace, resume_buffer=settings.resume_buffer,

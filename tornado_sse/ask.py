@@ -87,10 +87,11 @@ class AskHandler(BaseHandler):
 
     async def resume(self, last_event_id: str) -> None:
         parsed = sse.parse_event_id(last_event_id)
+        owner = self.owner()
         # Another browser's stream is unknown: an id alone must not replay it or cut its reader off.
-        stream = self.registry.get(parsed[0], self.owner()) if parsed else None
+        stream = self.registry.get(parsed[0], owner) if parsed else None
         if stream is None and parsed and self.registry.store.shares_frames:
-            remote = await self.registry.store.find(parsed[0], self.owner())
+            remote = await self.registry.store.find(parsed[0], owner)
             if remote is not None:  # another instance produces it: follow it through the store
                 await self.resume_remote(remote, parsed[1])
                 return
@@ -165,8 +166,10 @@ class AskHandler(BaseHandler):
                 edge.release(io)
             return None
         chunked = request.version == "HTTP/1.1"
-        # Tornado's HTTP1Connection._can_keep_alive for an HTTP/1.1 request.
-        keep_alive = chunked and request.headers.get("Connection", "").lower() != "close"
+        # Tornado's HTTP1Connection._can_keep_alive for an HTTP/1.1 request, and a server to go
+        # back to.
+        keep_alive = (chunked and edge is not None
+                      and request.headers.get("Connection", "").lower() != "close")
         return EventSocket(io, edge, chunked=chunked, keep_alive=keep_alive,
                            send_timeout=self.config.send_timeout, pinger=self.pinger,
                            log_access=functools.partial(

@@ -27,22 +27,23 @@ if TYPE_CHECKING:
 class EventSocket:
     """The Listener a Stream writes to (streams.Listener), on a connection whose head is out."""
 
-    __slots__ = ("io", "edge", "chunked", "keep_alive", "send_timeout", "pinger", "log_access",
-                 "stream", "remote", "relay", "active", "over")
+    __slots__ = ("io", "edge", "chunked", "keep_alive", "direct", "send_timeout", "pinger",
+                 "log_access", "stream", "remote", "relay", "active", "over")
 
     def __init__(self, io: IOStream, edge: EdgeServer | None, *, chunked: bool, keep_alive: bool,
                  send_timeout: float, pinger: Pinger, log_access: Callable[[], None]):
         self.io = io
-        self.edge = edge  # None: a server that cannot take a connection back; it closes instead
+        self.edge = edge  # the server counting the connection; None: one that cannot take it back
         self.chunked = chunked  # HTTP/1.1: chunks; HTTP/1.0: bare frames, the close ends the body
-        self.keep_alive = keep_alive and chunked and edge is not None
+        self.keep_alive = keep_alive  # at the end the connection goes back to `edge`
+        self.direct = not isinstance(io, SSLIOStream)  # plain TCP: frames go straight to send()
         self.send_timeout = send_timeout
         self.pinger = pinger
         self.log_access = log_access  # the access log line, written when the response is complete
         self.stream: Stream | None = None
         self.remote: RemoteStream | None = None  # a stream another instance produces (Redis)
         self.relay: asyncio.Task[None] | None = None  # the task following `remote`
-        self.active = False  # a frame went out since the Pinger last looked
+        self.active = True  # a frame went out since the Pinger last looked (the head, at least)
         self.over = False  # ended or lost: nothing more is written
         # Each frame is a whole message: send it now. Tornado leaves Nagle's algorithm on until a
         # response is finished; asyncio's transports and nginx (tcp_nodelay on) turn it off.
@@ -62,7 +63,9 @@ class EventSocket:
 
     def write(self, frame: bytes) -> asyncio.Future[None] | None:
         """One frame as a chunk of the chunked response (bare on HTTP/1.0)."""
-        if self.over or self.io.closed():
+        if self.over:
+            return None
+        if self.io.closed():
             self.lost()
             return None
         return self._write(b"%x\r\n%b\r\n" % (len(frame), frame) if self.chunked else frame)
@@ -72,7 +75,7 @@ class EventSocket:
         callbacks. Whatever the kernel does not take, and anything on TLS, goes through the
         IOStream, which keeps the order; its future says when that is out."""
         io = self.io
-        if not io.writing() and not isinstance(io, SSLIOStream):
+        if self.direct and not io.writing():
             try:
                 sent = io.socket.send(data)
             except BlockingIOError:
@@ -119,22 +122,23 @@ class EventSocket:
 
     def _sent_last(self, written: asyncio.Future[None] | None = None) -> None:
         """The last byte is out (or the connection failed on the way)."""
-        failed = written is not None and written.exception() is not None
-        if failed or self.io.closed():
-            if self.keep_alive and self.edge is not None:  # the close callback is off
-                self.edge.release(self.io)
-            return
-        if self.keep_alive and self.edge is not None:
-            self.edge.serve_again(self.io)
+        io, edge = self.io, self.edge
+        if not self.keep_alive or edge is None:
+            io.close()  # the close callback gives the connection's place back
+        elif (written is not None and written.exception() is not None) or io.closed():
+            edge.release(io)  # the close callback is off
         else:
-            self.io.close()
+            edge.serve_again(io)
 
     def drop(self) -> None:
         """Another connection took the stream over."""
         self.lost()
 
     def lost(self) -> None:
-        """Gone or too slow: let the stream go on without us (or abort), close the socket."""
+        """Gone or too slow: let the stream go on without us (or abort), close the socket. Once:
+        the close comes back as _closed, and a write may fail after the end."""
+        if self.over:
+            return
         if self.stream is not None:
             self.stream.detach(self)
         if self.remote is not None:
