@@ -148,6 +148,21 @@ def test_a_redis_store_without_a_shared_session_secret_is_refused() -> None:
 
 # -- two servers, one Redis --------------------------------------------------------------------------
 
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_question_that_got_no_answer_adds_no_turn_in_either_store(kind, settings, fake, redis):
+    # The Redis store keeps a turn before the end frame (Stream.run), the memory store when the
+    # task ends (StreamRegistry.finished): the same rule (registry.turn_of) for both.
+    async with instance(shared(settings, redis.url) if kind == "redis" else settings) as (url, _):
+        fake.script = Script(fail="status", status=400)
+        failed = await ask(url, "question=first", headers=OWNER)
+        assert failed.errors and failed.text == ""
+        fake.script = Script(deltas=["ok"])
+        follow = await ask(url, f"question=second&conversation={failed.meta['conversation']}",
+                           headers=OWNER)
+        # (memory keeps the empty conversation, Redis stores one only with its first turn)
+        assert fake.requests[-1]["messages"] == [{"role": "user", "content": "second"}]
+
+
 async def test_a_follow_up_on_another_instance_continues_the_conversation(settings, fake, redis):
     fake.script = Script(deltas=["Paris", "."])
     async with instance(shared(settings, redis.url)) as (a, _), \

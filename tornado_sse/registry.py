@@ -71,10 +71,10 @@ class StreamRegistry:
         """A stream's relay task is done (Stream.task_done), however it ended."""
         self.running -= 1
         stream.finished_at = asyncio.get_running_loop().time()
-        if not stream.recorded and (stream.answer or stream.outcome == "done"):
-            stream.recorded = True  # keep the turn, cut off or not
-            self.store.keep(stream.conversation, Turn(
-                stream.question, "".join(stream.answer), cut_off=stream.outcome != "done"))
+        turn = None if stream.recorded else turn_of(stream)
+        stream.recorded = True
+        if turn is not None:
+            self.store.keep(stream.conversation, turn)
         self.store.finished(stream)
         if stream.frames is not None and stream.done:
             # Keep the last frames for the grace even when a reader was attached: written to its
@@ -88,10 +88,10 @@ class StreamRegistry:
 
     async def keep_turn(self, stream: Stream) -> None:
         """Add the stream's question and answer to its conversation, once."""
-        if stream.recorded:
-            return
+        turn = None if stream.recorded else turn_of(stream)
         stream.recorded = True
-        turn = Turn(stream.question, "".join(stream.answer), cut_off=stream.outcome != "done")
+        if turn is None:
+            return
         try:
             # Bounded: a slow store must not hold the end frame back for long.
             await asyncio.wait_for(asyncio.shield(self.store.record(stream.conversation, turn)), 2.0)
@@ -108,6 +108,15 @@ class StreamRegistry:
         for stream in list(self.streams.values()):
             if not stream.done:
                 stream.shut_down()
+
+
+def turn_of(stream: Stream) -> Turn | None:
+    """What a finished stream adds to its conversation: its question and answer, cut off or not;
+    nothing when no answer came (the question was never answered: asking it again is the user's
+    choice, and the model must not see an empty answer)."""
+    if not stream.answer and stream.outcome != "done":
+        return None
+    return Turn(stream.question, "".join(stream.answer), cut_off=stream.outcome != "done")
 
 
 def same_owner(a: str, b: str) -> bool:
