@@ -40,6 +40,11 @@ def test_an_event_past_the_cap_raises_even_when_each_line_is_short() -> None:
 def test_a_line_and_an_event_just_under_the_caps_are_decoded() -> None:
     data = b"z" * (MAX_LINE_BYTES - len(b"data: "))
     assert list(EventStreamDecoder().feed(b"data: " + data + b"\n\n")) == [data]
+    # An event of many lines whose data, line breaks counted, is exactly the cap.
+    full, rest = divmod(MAX_EVENT_BYTES, 1001)
+    values = [b"y" * 1000] * full + [b"y" * (rest - 1)]
+    event = b"".join(b"data: " + v + b"\n" for v in values) + b"\n"
+    assert list(EventStreamDecoder().feed(event)) == [b"\n".join(values)]
 
 
 def test_a_long_line_in_small_reads_costs_linear_time() -> None:

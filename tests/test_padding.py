@@ -3,9 +3,7 @@ captured from a real stream, where the size no longer tells the token's length."
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import statistics
 
 import pytest
@@ -15,7 +13,7 @@ from tornado_sse.cli import parse_settings
 from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.settings import Settings
 
-from .browser import CHROMIUM, open_page
+from .browser import needs_chromium, open_page
 from .conftest import with_settings
 from .sseclient import ask, parse_events
 
@@ -93,8 +91,7 @@ async def test_captured_frame_sizes_no_longer_tell_a_tokens_length(base_url, fak
 
 
 @pytest.mark.gen_test(timeout=40)
-@pytest.mark.skipif(not shutil.which(CHROMIUM) and not os.environ.get("CI"),
-                    reason="Debian's chromium is not installed (.ci/run installs it)")
+@needs_chromium
 async def test_the_tutorials_event_source_client_reads_padded_frames_unchanged(base_url, request, fake):
     fake.script = Script(deltas=["Line one\n", "\n", "caf\u00e9 \U0001f600", " <b>x</b>", " end"])
     async with open_page(base_url, request) as (page, _):

@@ -63,6 +63,8 @@ def test_nothing_is_imported_once_the_server_listens_on_any_request_path() -> No
                     assert b"event: error" in r.read()  # retried once, then failed
                 proc.terminate()
                 proc.wait(10)
+            # (the import log is on at all: else no late import could show)
+            assert any(li.startswith("import time:") for li in lines[:listening])
             late = [li.split("|")[-1].strip() for li in lines[listening:] if li.startswith("import time:")]
             assert late == [], f"--api {api} imported after it listened: {late}"
     finally:
