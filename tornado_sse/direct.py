@@ -7,14 +7,13 @@ URL, its default headers, `X-Stainless-Retry-Count` per attempt); per stream onl
 changes. Everything that is not a 2xx answer goes through the SDK's own pieces, as in its
 `AsyncAPIClient.request` (openai/_base_client.py): which answers are retried (`_should_retry`:
 408, 409, 429, 5xx, `x-should-retry`, a `Retry-After` over 60 s refuses), how long to wait
-(`_calculate_retry_timeout`: `Retry-After`, else exponential back-off with jitter), the typed
-error (`_make_status_error_from_response`), and `APITimeoutError` / `APIConnectionError` for
-failures before an answer.
+and the log line before a retry (`_sleep_for_retry`: `Retry-After`, else exponential back-off
+with jitter), the typed error (`_make_status_error_from_response`), and `APITimeoutError` /
+`APIConnectionError` for failures before an answer.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 from typing import Any
@@ -25,8 +24,6 @@ from openai._models import FinalRequestOptions
 
 from .transport import Exchange, FastTransport, key_of
 
-# The SDK's own log line before a retry (`_sleep_for_retry`), on its own logger.
-_sdk_log = openai._base_client.log
 # json.dumps with these arguments builds an encoder on every call (3.4 -> 2.6 us a body).
 _to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -61,15 +58,13 @@ class DirectPoster:
             try:
                 exchange = await self._transport.exchange(
                     key, prefix + b"%d\r\n\r\n" % len(content) + content)
-            except httpx2.TimeoutException as err:
+            except (httpx2.RequestError, ssl.SSLError) as err:  # timeouts included
                 if remaining > 0:
-                    await self._sleep(retries_taken, max_retries, None)
+                    await client._sleep_for_retry(retries_taken=retries_taken, max_retries=max_retries,
+                                                  options=self._options, response=None)
                     continue
-                raise openai.APITimeoutError(request=request) from err
-            except (httpx2.RequestError, ssl.SSLError) as err:
-                if remaining > 0:
-                    await self._sleep(retries_taken, max_retries, None)
-                    continue
+                if isinstance(err, httpx2.TimeoutException):
+                    raise openai.APITimeoutError(request=request) from err
                 raise openai.APIConnectionError(request=request) from err
             if 200 <= exchange.status < 300:
                 exchange.headers = []  # nothing reads them: ~0.8 kB less held for the stream's life
@@ -83,15 +78,8 @@ class DirectPoster:
             finally:
                 await exchange.aclose()
             if remaining > 0 and client._should_retry(response):
-                await self._sleep(retries_taken, max_retries, response)
+                await client._sleep_for_retry(retries_taken=retries_taken, max_retries=max_retries,
+                                              options=self._options, response=response)
                 continue
             raise client._make_status_error_from_response(response) from None
         raise AssertionError("unreachable: the last attempt returns or raises")
-
-    async def _sleep(self, retries_taken: int, max_retries: int,
-                     response: httpx2.Response | None) -> None:
-        timeout = self._client._calculate_retry_timeout(
-            max_retries - retries_taken, self._options, response.headers if response else None)
-        _sdk_log.info("Retrying request in %f seconds (retry %i of %s)", timeout, retries_taken + 1,
-                      max_retries)
-        await asyncio.sleep(timeout)
