@@ -96,40 +96,37 @@ class AskHandler(BaseHandler):
                 await self.resume_remote(remote, parsed[1])
                 return
         backlog = stream.backlog(parsed[1]) if stream and parsed else None
-        if stream is None or backlog is None or (stream.done and not backlog):
-            # Nothing left to send: unknown, no longer buffered, or read to its end. 204 is the
-            # SSE spec's "stop reconnecting" (WHATWG HTML 9.2.3); an error frame would only be
-            # followed by another reconnect from a client that never closes its EventSource.
-            self.set_status(204)
-            self.finish()
-            return
-        self.start_event_stream()
-        self.write(b"".join(backlog))
-        if stream.done:  # the rest of an answer already written: an ordinary response
-            self.finish_event_stream()
-            return
-        socket = self.hand_over()
-        if socket is not None:
+        socket = self.replay(backlog, stream is None or stream.done)
+        if socket is not None and stream is not None:
             socket.stream = stream
             stream.attach(socket)  # drops the reader before us, if any
 
     async def resume_remote(self, remote: RemoteStream, after: int) -> None:
         backlog = await remote.backlog(after)
-        if backlog is None or (remote.ended and not backlog):  # as resume(): nothing left to send
-            self.set_status(204)
-            self.finish()
-            return
-        self.start_event_stream()
-        self.write(b"".join(backlog))
-        if remote.ended:
-            self.finish_event_stream()
-            return
-        socket = self.hand_over()
+        socket = self.replay(backlog, remote.ended)
         if socket is None:
-            remote.detach()
+            if backlog and not remote.ended:  # the browser left before it could follow
+                remote.detach()
             return
         socket.remote = remote
         socket.relay = asyncio.ensure_future(relay_remote(socket, remote, self.registry))
+
+    def replay(self, backlog: list[bytes] | None, ended: bool) -> EventSocket | None:
+        """The frames a reconnect missed; the socket to follow the rest on, or None when there is
+        nothing to follow: the backlog was the rest, or there is nothing left to send at all
+        (unknown, no longer buffered, or read to its end), which gets 204, the SSE spec's "stop
+        reconnecting" (WHATWG HTML 9.2.3): an error frame would only be followed by another
+        reconnect from a client that never closes its EventSource."""
+        if backlog is None or (ended and not backlog):
+            self.set_status(204)
+            self.finish()
+            return None
+        self.start_event_stream()
+        self.write(b"".join(backlog))
+        if ended:  # the rest of an answer already written: an ordinary response
+            self.finish_event_stream()
+            return None
+        return self.hand_over()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]

@@ -215,7 +215,7 @@ class HealthHandler(BaseHandler):
         if status != "ok":
             self.set_status(503)
         body = {"status": status, "backend": backend.name, "model": backend.model}
-        if store.name != "memory":  # a shared store is a dependency: say how it is
+        if store.shared:  # a dependency: say how it is
             body["store"] = "up" if store.up else "down"
         self.finish(body)
 

@@ -67,6 +67,7 @@ def redacted(url: str) -> str:
 
 class RedisStore:
     name = "redis"
+    shared = True
     shares_frames: bool
 
     def __init__(self, settings: Settings):

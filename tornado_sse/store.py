@@ -50,6 +50,7 @@ class RemoteStream(Protocol):
 
 class Store(Protocol):
     name: str  # "memory" or "redis"
+    shared: bool  # other instances read it: a turn must be kept before the end frame goes out
 
     @property
     def up(self) -> bool: ...  # False while a shared store cannot be reached
@@ -86,6 +87,7 @@ class MemoryStore:
     """Everything in this process: one instance, no extra service. Streams stay in the registry."""
 
     name = "memory"
+    shared = False
     up = True
     shares_frames = False
 

@@ -129,7 +129,7 @@ class Stream:
         else:
             self.outcome = "done"
             last = self.number("finish", finish_data(self.finish or Finish("stop")))
-        if self.registry.store.name != "memory":
+        if self.registry.store.shared:
             # Before the end frame: a follow-up sent the moment it arrives may reach another
             # instance, which must already see this turn.
             await self.send(last)
