@@ -64,9 +64,9 @@ class AskHandler(BaseHandler):
             raise ClientError(503, "busy", "The server is answering as many questions as it can. "
                               "Please try again shortly.", {"Retry-After": "5"})
         store = self.registry.store
+        if not store.up:
+            raise ClientError.unavailable(STORE_DOWN)
         try:
-            if not store.up:
-                raise StoreError(STORE_DOWN)
             wait = await store.take(self.client)
             if wait:
                 raise ClientError(429, "rate_limited", "Too many questions from your address. Please "
@@ -74,7 +74,7 @@ class AskHandler(BaseHandler):
             owner = self.owner()
             conversation, restarted = await store.open(self.query("conversation"), owner)
         except StoreError as exc:
-            raise ClientError(503, exc.failure.code, exc.failure.message, {"Retry-After": "5"}) from None
+            raise ClientError.unavailable(exc.failure) from None
         stream, first = self.registry.start(conversation, question, restarted, self.client, owner)
         self.start_event_stream()
         self.write(first)  # with the response head, in one send()

@@ -18,6 +18,7 @@ from .guard import (OWNER_COOKIE, SESSION_COOKIE, Gate, bearer, cross_site, new_
                     valid_owner)
 from .settings import Settings
 from .metrics import Metrics
+from .errors import Failure
 from .store import StoreError
 from .registry import StreamRegistry
 
@@ -36,6 +37,11 @@ class ClientError(tornado.web.HTTPError):
         self.code = code
         self.message = message
         self.headers = headers or {}
+
+    @classmethod
+    def unavailable(cls, failure: Failure) -> ClientError:
+        """503 for a failure of a dependency (the shared store): try again in a moment."""
+        return cls(503, failure.code, failure.message, {"Retry-After": "5"})
 
 
 _GENERIC = {
@@ -276,4 +282,4 @@ class StopHandler(BaseHandler):
         try:
             return await self.registry.store.stop(id, owner)
         except StoreError as exc:
-            raise ClientError(503, exc.failure.code, exc.failure.message, {"Retry-After": "5"}) from None
+            raise ClientError.unavailable(exc.failure) from None
