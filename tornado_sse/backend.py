@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, NamedTuple, Protocol
 
@@ -40,7 +39,6 @@ Message = dict[str, str]
 # versions: "Unrecognized request argument supplied: stream_options", param and code null).
 RENAMED = {"max_tokens": "max_completion_tokens"}
 ADAPTABLE = frozenset({"max_tokens", "stream_options"})
-MAX_ADAPTED_MODELS = 64
 # How servers name a refused parameter in the message, when `param` is null.
 _REFUSED = re.compile(r"(?:Unsupported parameter: |Unrecognized request argument supplied: |"
                       r"Unsupported value: )'?([A-Za-z_.]+)'?")
@@ -81,8 +79,8 @@ class OpenAIBackend:
         self.name = name
         self.model = settings.model
         self._settings = settings
-        # model -> the parameters it refused, least recently adapted first (MAX_ADAPTED_MODELS)
-        self._adapted: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        # The parameters this backend's model (one per process: the settings are fixed) refused.
+        self._adapted: tuple[str, ...] = ()
         # Reads have no httpx limit: the Watchdog bounds the first token and every silence after.
         timeout = httpx2.Timeout(None, connect=settings.connect_timeout, pool=settings.connect_timeout)
         http_client, fast = make_http_client(settings, timeout, base_url or settings.base_url)
@@ -139,7 +137,7 @@ class OpenAIBackend:
             body["temperature"] = s.temperature
         if s.reasoning_effort is not None:
             body["reasoning_effort"] = s.reasoning_effort
-        for param in self._adapted.get(s.model, ()):
+        for param in self._adapted:
             value = body.pop(param, None)
             if param in RENAMED and value is not None:
                 body[RENAMED[param]] = value
@@ -148,7 +146,6 @@ class OpenAIBackend:
     async def _post_adapting(self, messages: list[Message]) -> Exchange | SDKAnswer:
         """POST the request; when the upstream refuses one of our own defaults by name, adapt
         that parameter and ask again: once per parameter, and before any token (none was sent)."""
-        tried: set[str] = set()
         while True:
             body = self.request_body(messages)
             try:
@@ -164,23 +161,19 @@ class OpenAIBackend:
                     "/chat/completions", cast_to=httpx2.Response, body=body, options=STREAMED))
             except openai.BadRequestError as exc:
                 param = refused_parameter(exc)
-                if param is None or param not in body or param in tried or not self.adapt(param):
+                # Once per parameter: adapted, it is no longer in the body.
+                if param is None or param not in body or not self.adapt(param):
                     raise
-                tried.add(param)
 
     def adapt(self, param: str) -> bool:
         """Remember that this model refuses `param`, when it is one we send on our own: the token
         limit's old name, `stream_options` (usage is a nicety). An operator's explicit choice
         (`--temperature`, `--reasoning-effort`) is never dropped: its refusal is the error."""
-        adapted = self._adapted.get(self.model, ())
         if param not in ADAPTABLE:
             return False
-        if param in adapted:  # another stream, refused at the same time, adapted it first
+        if param in self._adapted:  # another stream, refused at the same time, adapted it first
             return True
-        self._adapted[self.model] = (*adapted, param)
-        self._adapted.move_to_end(self.model)
-        while len(self._adapted) > MAX_ADAPTED_MODELS:
-            self._adapted.popitem(last=False)
+        self._adapted += (param,)
         log.info("the upstream refuses %r for model %s: %s from now on", param, self.model,
                  f"sending {RENAMED[param]!r} instead" if param in RENAMED else "leaving it out")
         return True
