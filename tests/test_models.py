@@ -59,7 +59,9 @@ async def test_questions_refused_at_the_same_time_are_all_adapted_and_logged_onc
     fake.script = Script(deltas=["ok"], first_token_delay=0.05)
     answers = await asyncio.gather(*(ask(base_url, f"question=q{i}") for i in range(10)))
     assert [a.text for a in answers] == ["ok"] * 10 and not any(a.errors for a in answers)
-    assert len(fake.requests) == 20  # all ten were refused before the first adaptation was kept
+    # At least two were refused before the first adaptation was kept (all ten, usually; 16
+    # requests on a busy machine): the "another stream adapted it first" path ran.
+    assert len(fake.requests) >= 12
     assert len([r for r in caplog.records if "refuses 'max_tokens'" in r.getMessage()]) == 1
 
 
