@@ -73,9 +73,18 @@ def app(settings: Settings, io_loop: tornado.ioloop.IOLoop) -> Iterator[tornado.
     app = make_app(settings, backend)
     yield app
     registry = app.settings["registry"]
+    tasks = [stream.task for stream in registry.streams.values() if stream.task is not None]
     for stream in list(registry.streams.values()):
         stream.abort()
-    io_loop.run_sync(backend.close)
+
+    async def settle() -> None:
+        # The aborted relays close their upstream connections before the pool closes the rest:
+        # a socket left to the garbage collector is a ResourceWarning in whichever test runs next.
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        await backend.close()
+
+    io_loop.run_sync(settle)
 
 
 @pytest.fixture

@@ -141,6 +141,23 @@ async def test_a_reader_that_never_reads_is_dropped_and_its_upstream_aborted(por
     writer.close()
 
 
+@tuned(send_timeout=10)
+async def test_a_reader_that_falls_behind_holds_the_upstream_back_then_gets_every_frame(port, fake):
+    # Far more than the socket buffers on both sides hold (a few MB each on loopback).
+    fake.script = Script(deltas=["x" * 65536] * 1000)
+    reader, writer = await open_raw(port, "/ask?question=q")
+    body = bytearray(await reader.read(65536))
+    await asyncio.sleep(0.5)  # not reading: the relay stops reading the upstream meanwhile
+    assert fake.completed == 0 and not fake.disconnects
+    while not body.endswith(b"<END_STREAMING_SSE>\n\n\r\n0\r\n\r\n"):
+        chunk = await reader.read(1 << 20)  # caught up: the upstream must be read again
+        assert chunk, "the connection closed before the end frame"
+        body += chunk
+    writer.close()
+    assert body.count(b"x" * 65536) == 1000 and b"event: error" not in body
+    assert fake.completed == 1 and not fake.disconnects
+
+
 # -- limits ----------------------------------------------------------------------------------------
 
 @tuned(max_streams=2)

@@ -11,7 +11,8 @@ import httpx2
 import pytest
 
 from tornado_sse.demo import Script
-from tornado_sse.transport import FastTransport, _Connection
+from tornado_sse.connection import _Connection
+from tornado_sse.transport import FastTransport
 
 from .conftest import with_settings
 from .sseclient import ask, serving
@@ -20,8 +21,13 @@ pytestmark = pytest.mark.gen_test
 
 
 class FakeTransport(asyncio.Transport):
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
+    paused = False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
 
 
 HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -61,6 +67,90 @@ async def test_chunked_bodies_decode_at_every_split():
     for i in range(1, len(WIRE)):
         for j in range(i, len(WIRE), 3):
             assert await decode_chunked(WIRE, [i, j]) == b"hello world\r\n\r\n!!", (i, j)
+
+
+def answering() -> tuple[_Connection, FakeTransport]:
+    """A connection whose chunked answer's head has arrived."""
+    conn, transport = _Connection(), FakeTransport()
+    conn.connection_made(transport)
+    conn.start()
+    conn.data_received(HEAD)
+    return conn, transport
+
+
+class Sink:
+    def __init__(self, ready: list[asyncio.Future[None] | None] | None = None):
+        self.got = bytearray()
+        self.ready = ready or []  # what each feed() answers: a future holds the body back
+        self.satisfied = False
+
+    def feed(self, piece: bytes) -> asyncio.Future[None] | None:
+        self.got += piece
+        return self.ready.pop(0) if self.ready else None
+
+
+async def test_a_pumped_body_reaches_its_sink_within_the_read_at_every_split():
+    for i in range(1, len(WIRE)):
+        for j in range(i, len(WIRE), 3):
+            conn, _ = answering()
+            sink = Sink()
+            done = conn.pump(sink)
+            start = 0
+            for end in [i, j, len(WIRE)]:
+                conn.data_received(WIRE[start:end])
+                start = end
+                # Pushed from data_received itself: nothing waits for a task or a loop turn.
+                assert not conn.body, (i, j)
+            assert done.done() and bytes(sink.got) == b"hello world\r\n\r\n!!", (i, j)
+            assert conn.complete and conn.keep_alive and conn.sink is None
+
+
+async def test_a_congested_sink_pauses_the_upstream_until_its_reader_catches_up():
+    conn, transport = answering()
+    caught_up = asyncio.get_running_loop().create_future()
+    sink = Sink([caught_up])
+    done = conn.pump(sink)
+    conn.data_received(b"5\r\nhello\r\n")
+    assert transport.paused and sink.got == b"hello"
+    conn.data_received(b"5\r\nworld\r\n")  # already on its way when reading paused
+    assert sink.got == b"hello"
+    caught_up.set_result(None)
+    await asyncio.sleep(0)
+    assert not transport.paused and sink.got == b"helloworld"
+    conn.data_received(b"0\r\n\r\n")
+    await done
+
+
+async def test_a_pump_stops_once_its_sink_is_satisfied_and_the_rest_is_read_by_pulling():
+    conn, _ = answering()
+    sink = Sink()
+    done = conn.pump(sink)
+    sink.satisfied = True
+    conn.data_received(b"4\r\nlast\r\n")
+    assert done.done() and sink.got == b"last"
+    conn.data_received(b"4\r\nmore\r\n0\r\n\r\n")
+    assert sink.got == b"last"
+    assert [piece async for piece in conn.read_body()] == [b"more"]
+
+
+async def test_a_connection_lost_mid_body_fails_the_pump():
+    conn, _ = answering()
+    done = conn.pump(Sink())
+    conn.data_received(b"5\r\nhello\r\n")
+    conn.connection_lost(None)
+    with pytest.raises(httpx2.RemoteProtocolError, match="mid-response"):
+        await done
+
+
+async def test_the_last_piece_arriving_while_the_reader_is_busy_is_still_read():
+    conn, _ = answering()
+    conn.data_received(b"5\r\nhello\r\n")
+    out = []
+    async for piece in conn.read_body():
+        out.append(piece)
+        if len(out) == 1:  # the rest and the body's end come while the reader handles `hello`
+            conn.data_received(b"5\r\nworld\r\n0\r\n\r\n")
+    assert out == [b"hello", b"world"]
 
 
 @pytest.mark.parametrize("wire", [b"zz\r\nab\r\n0\r\n\r\n", b"-1\r\nab\r\n0\r\n\r\n", b"2\r\nabXX0\r\n\r\n"])

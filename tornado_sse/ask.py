@@ -1,7 +1,7 @@
 """/ask, the SSE endpoint: one answer as Server-Sent Events, always ending with the end frame.
 
-    browser -> AskHandler -> StreamRegistry.start -> Stream.run: backend.stream(messages)
-            <- EventSocket.send(frame) <- Stream.number: sse.encode_event(...)
+    browser -> AskHandler -> StreamRegistry.start -> Stream.run: backend.relay(messages, deliver)
+            <- EventSocket.push(frame) <- Stream.deliver: sse.encode_event(...) <- upstream read
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Where answers come from: the Backend protocol, and the OpenAI-compatible backend.
 
-A backend turns chat messages into an async iterator of deltas. Closing the iterator (`aclose()`,
-or cancelling the task that iterates it) closes the upstream HTTP response at once, so the
-upstream stops generating.
+A backend turns chat messages into deltas, handed to the stream as they arrive (`relay`), and
+says how the answer ended. Cancelling the task that relays closes the upstream HTTP response at
+once, so the upstream stops generating.
 
 The `openai` SDK does what it is good at: configuration, auth, base URL, retries before the first
 byte, and typed errors for non-2xx answers. The body is read raw and decoded here: the SDK's typed
@@ -15,18 +15,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple, Protocol
 
 import httpx2
 import jiter
 import openai
 
+from .connection import Exchange, Sink
 from .direct import DirectPoster
 from .errors import ErrorInStream, IncompleteStream, MalformedChunk
 from .eventstream import EventStreamDecoder
 from .settings import Settings
-from .transport import Exchange
 from .upstream import make_http_client
 from .watchdog import Watchdog
 
@@ -63,11 +63,18 @@ class Finish(NamedTuple):
     usage: Usage | None = None
 
 
+# Where a backend hands each delta (event, text) as it arrives. A future: the reader's socket is
+# congested; the backend reads no more of the upstream until it is done (backpressure).
+Deliver = Callable[[str, str], "asyncio.Future[None] | None"]
+
+
 class Backend(Protocol):
     name: str
     model: str
 
-    def stream(self, messages: list[Message]) -> AsyncGenerator[Delta | Finish, None]: ...
+    # Ask, deliver the answer's deltas, and say how it ended; the upstream response is closed
+    # when this returns or raises (cancelled: at once, so the upstream stops generating).
+    async def relay(self, messages: list[Message], deliver: Deliver) -> Finish: ...
 
     async def close(self) -> None: ...
 
@@ -95,36 +102,11 @@ class OpenAIBackend:
         # On the lean transport, requests skip the SDK's per-request machinery (direct.py).
         self._direct = DirectPoster(self._client, fast, "/chat/completions") if fast else None
 
-    async def stream(self, messages: list[Message]) -> AsyncGenerator[Delta | Finish, None]:
+    async def relay(self, messages: list[Message], deliver: Deliver) -> Finish:
         s = self._settings
         async with Watchdog(s.first_token_timeout, s.idle_timeout) as watchdog:
             response = await self._post_adapting(messages)
-            try:
-                chunks = response.chunks()
-                events = EventStreamDecoder()
-                reason: str | None = None
-                usage: Usage | None = None
-                async for chunk in chunks:
-                    for data in events.feed(chunk):
-                        if data == b"[DONE]":
-                            # A server that names no finish_reason ended normally all the same.
-                            yield Finish(reason or "stop", usage)
-                            await drain(chunks, response.ended)
-                            return
-                        content, reasoning, tail = parse_chat_chunk(data)
-                        if reasoning:
-                            watchdog.touch()
-                            yield Delta("reasoning", reasoning)
-                        if content:
-                            watchdog.touch()
-                            yield Delta("update", content)
-                        if tail is not None:  # the last chunks: finish_reason, then usage
-                            reason, usage = chunk_ending(tail, reason, usage)
-                    # Not held while the stream waits for its next read: ~0.5 kB a held stream.
-                    chunk = data = b""
-                raise IncompleteStream("the upstream ended the stream without data: [DONE]")
-            finally:
-                await response.aclose()  # early: the upstream sees its connection closed at once
+            return await read_answer(response, ChatChunks(deliver, watchdog))
 
     def request_body(self, messages: list[Message]) -> dict[str, Any]:
         """The Chat Completions request, with what this model refused adapted (see `adapt`)."""
@@ -196,6 +178,74 @@ class SDKAnswer:
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
+
+class ChatChunks:
+    """A Chat Completions body, piece by piece: each delta to `deliver`, and how it ended."""
+
+    unfinished = "the upstream ended the stream without data: [DONE]"
+
+    def __init__(self, deliver: Deliver, watchdog: Watchdog):
+        self.deliver = deliver
+        self.watchdog = watchdog
+        self.events = EventStreamDecoder()
+        self.reason: str | None = None
+        self.usage: Usage | None = None
+        self.finish: Finish | None = None
+
+    @property
+    def satisfied(self) -> bool:
+        return self.finish is not None
+
+    def feed(self, piece: bytes) -> asyncio.Future[None] | None:
+        ready = None
+        for data in self.events.feed(piece):
+            if data == b"[DONE]":
+                # A server that names no finish_reason ended normally all the same.
+                self.finish = Finish(self.reason or "stop", self.usage)
+                break
+            content, reasoning, tail = parse_chat_chunk(data)
+            if reasoning:
+                self.watchdog.touch()
+                ready = self.deliver("reasoning", reasoning) or ready
+            if content:
+                self.watchdog.touch()
+                ready = self.deliver("update", content) or ready
+            if tail is not None:  # the last chunks: finish_reason, then usage
+                self.reason, self.usage = chunk_ending(tail, self.reason, self.usage)
+        return ready
+
+
+class Decoder(Sink, Protocol):
+    """A streamed answer's body -> deltas (ChatChunks, responses.ResponseEvents)."""
+
+    finish: Finish | None  # set by the body's end event
+    unfinished: str  # what a body that ends without it is missing
+
+
+async def read_answer(response: Exchange | SDKAnswer, decoder: Decoder) -> Finish:
+    """An answer's body through `decoder`, then closed (early if need be: the upstream sees its
+    connection closed at once). On our transport the body is pushed from the socket's callback:
+    no future, task wake-up or loop turn per read (steady100: 46 -> 42 us of server CPU a token).
+    Through httpx (the aiohttp client, a redirect, the Responses API) it is pulled."""
+    try:
+        if isinstance(response, Exchange):
+            await response.pump(decoder)
+            chunks = response.chunks()
+        else:
+            chunks = response.chunks()
+            async for piece in chunks:
+                ready = decoder.feed(piece)
+                if ready is not None:
+                    await ready
+                if decoder.finish is not None:
+                    break
+        if decoder.finish is None:
+            raise IncompleteStream(decoder.unfinished)
+        await drain(chunks, response.ended)
+        return decoder.finish
+    finally:
+        await response.aclose()
 
 
 def parse_chat_chunk(data: bytes) -> tuple[str | None, str | None, dict[str, Any] | None]:

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+from tornado.iostream import IOStream, SSLIOStream
 
 from . import sse
 
@@ -51,15 +51,30 @@ class EventSocket:
         io.set_close_callback(self._closed)  # the browser went away
         pinger.add(self)
 
-    async def send(self, frame: bytes) -> None:
-        """Write a frame now. Only a congested socket makes us wait, at most --send-timeout."""
+    def push(self, frame: bytes) -> asyncio.Future[None] | None:
+        """Write a frame now. A future only when the socket is congested (a slow reader): done
+        once the frame is out, or after --send-timeout, when the reader is given up."""
         self.active = True
         written = self.write(frame)
-        if written is not None and self.io.writing():  # the kernel buffer is full: a slow reader
-            try:
-                await asyncio.wait_for(written, self.send_timeout)
-            except (StreamClosedError, TimeoutError):
-                self.lost()
+        if written is None or not self.io.writing():
+            return None
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        timer = loop.call_later(self.send_timeout, self.lost)  # the close fails `written`
+
+        def out(_: asyncio.Future[None]) -> None:
+            timer.cancel()
+            if not ready.done():
+                ready.set_result(None)
+
+        written.add_done_callback(out)
+        return ready
+
+    async def send(self, frame: bytes) -> None:
+        """push(), waiting while the socket is congested."""
+        ready = self.push(frame)
+        if ready is not None:
+            await ready
 
     def write(self, frame: bytes) -> asyncio.Future[None] | None:
         """One frame as a chunk of the chunked response (bare on HTTP/1.0)."""

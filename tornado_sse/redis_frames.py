@@ -172,8 +172,8 @@ class RemoteReader:
     """Stands in, on the producer, for a reader following from another instance: it keeps the
     resume grace from aborting the generation. The frames reach that reader through Redis."""
 
-    async def send(self, frame: bytes) -> None:
-        pass
+    def push(self, frames: bytes) -> None:
+        return None
 
     def end(self, last: bytes) -> None:
         pass

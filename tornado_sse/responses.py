@@ -21,12 +21,13 @@ its JSON data, so the `event:` lines are not needed:
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
 from typing import Any
 
 import jiter
 
-from .backend import Delta, EventStreamDecoder, Finish, Message, OpenAIBackend, Usage, drain
+from .backend import (Deliver, Delta, EventStreamDecoder, Finish, Message, OpenAIBackend, SDKAnswer,
+                      Usage, read_answer)
 from .errors import ErrorInStream, IncompleteStream, MalformedChunk
 from .watchdog import Watchdog
 
@@ -44,7 +45,7 @@ _INCOMPLETE_FINISH = {"max_output_tokens": "length", "content_filter": "content_
 class ResponsesBackend(OpenAIBackend):
     """OpenAI's Responses API, or a server that speaks it; the same client as OpenAIBackend."""
 
-    async def stream(self, messages: list[Message]) -> AsyncGenerator[Delta | Finish, None]:
+    async def relay(self, messages: list[Message], deliver: Deliver) -> Finish:
         s = self._settings
         extra: dict[str, Any] = {}
         if s.temperature is not None:
@@ -63,20 +64,36 @@ class ResponsesBackend(OpenAIBackend):
                 **extra,
             ) as response,
         ):
-            chunks = response.http_response.aiter_bytes()
-            events = EventStreamDecoder()
-            async for chunk in chunks:
-                for data in events.feed(chunk):
-                    delta = parse_response_event(data)
-                    if delta is None:
-                        continue
-                    if isinstance(delta, Finish):
-                        yield delta
-                        await drain(chunks)
-                        return
-                    watchdog.touch()
-                    yield delta
-            raise IncompleteStream("the upstream ended the stream without response.completed")
+            return await read_answer(SDKAnswer(response.http_response), ResponseEvents(deliver, watchdog))
+
+
+class ResponseEvents:
+    """A Responses body, piece by piece: each text delta to `deliver`, and how it ended (the
+    Decoder that backend.read_answer reads with, as ChatChunks for Chat Completions)."""
+
+    unfinished = "the upstream ended the stream without response.completed"
+
+    def __init__(self, deliver: Deliver, watchdog: Watchdog):
+        self.deliver = deliver
+        self.watchdog = watchdog
+        self.events = EventStreamDecoder()
+        self.finish: Finish | None = None
+
+    @property
+    def satisfied(self) -> bool:
+        return self.finish is not None
+
+    def feed(self, piece: bytes) -> asyncio.Future[None] | None:
+        ready = None
+        for data in self.events.feed(piece):
+            delta = parse_response_event(data)
+            if isinstance(delta, Finish):
+                self.finish = delta
+                break
+            if delta is not None:
+                self.watchdog.touch()
+                ready = self.deliver(*delta) or ready
+        return ready
 
 
 def parse_response_event(data: bytes) -> Delta | Finish | None:

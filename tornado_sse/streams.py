@@ -33,8 +33,9 @@ SHUTTING_DOWN = Failure("server_shutdown", "The server is restarting. Please ask
 class Listener(Protocol):
     """The connection reading a stream (eventsocket.EventSocket)."""
 
-    # One frame, or several written at once. Never raises: a failed send detaches it.
-    async def send(self, frame: bytes) -> None: ...
+    # One frame, or several written at once, now. Never raises: a failed write detaches it. A
+    # future: the socket is congested; done once the frames are out or the reader is given up.
+    def push(self, frames: bytes) -> asyncio.Future[None] | None: ...
 
     def end(self, last: bytes) -> None: ...  # the last frames: write them, finish the response
 
@@ -84,42 +85,23 @@ class Stream:
         return self.number("meta", json.dumps(meta))
 
     async def run(self, backend: Backend, messages: list[Message]) -> None:
-        upstream = backend.stream(messages)
         failure: Failure | None = None
         try:
-            try:
-                self.phase = "relay"
-                if self.stopped:  # Stop came before the relay's first step
-                    raise asyncio.CancelledError
-                async for delta in upstream:
-                    if isinstance(delta, Finish):  # the last item: sent after the loop
-                        self.finish = delta
-                        continue
-                    event, text = delta
-                    if event == "update":
-                        if not self.answer:
-                            self.first_token_at = asyncio.get_running_loop().time()
-                            self.first_chunk_at = self.first_chunk_at or self.first_token_at
-                        self.answer.append(text)
-                        for part in sse.update_parts(text):
-                            await self.emit("update", part)
-                    else:
-                        if self.first_chunk_at is None:
-                            self.first_chunk_at = asyncio.get_running_loop().time()
-                        await self.emit(event, text)
-            except asyncio.CancelledError:
-                if self.stop_failure is None and not self.stopped:
-                    raise  # the reader left
-                failure = self.stop_failure
-            except Exception as exc:
-                failure = describe(exc)
-                self.error = exc
-                log.warning("stream %s failed (%s): %s", self.log_id, failure.code,
-                            without_keys(cause_chain(exc)),
-                            exc_info=failure.code == "internal_error")
+            self.phase = "relay"
+            if self.stopped:  # Stop came before the relay's first step
+                raise asyncio.CancelledError
+            self.finish = await backend.relay(messages, self.deliver)
+        except asyncio.CancelledError:
+            if self.stop_failure is None and not self.stopped:
+                raise  # the reader left
+            failure = self.stop_failure
+        except Exception as exc:
+            failure = describe(exc)
+            self.error = exc
+            log.warning("stream %s failed (%s): %s", self.log_id, failure.code,
+                        without_keys(cause_chain(exc)), exc_info=failure.code == "internal_error")
         finally:
             self.phase = "end"  # Stop cancels no more: the last frames must go out
-            await upstream.aclose()  # closes the upstream response, whatever happened
         if failure is not None:
             self.outcome = failure.code
             last = self.number("error", json.dumps({"code": failure.code, "message": failure.message}))
@@ -142,8 +124,22 @@ class Stream:
         if self.listener is not None:
             self.listener.end(last)
 
-    async def emit(self, event: str, data: str) -> None:
-        await self.send(self.number(event, data))
+    def deliver(self, event: str, text: str) -> asyncio.Future[None] | None:
+        """A delta from the backend, as it arrives (backend.Deliver): its frame to the reader now.
+        The backend calls this from the upstream socket's callback, outside this task."""
+        if event == "update":
+            if not self.answer:
+                self.first_token_at = asyncio.get_running_loop().time()
+                self.first_chunk_at = self.first_chunk_at or self.first_token_at
+            self.answer.append(text)
+            if text == sse.END_MARKER:
+                ready = None
+                for part in sse.update_parts(text):
+                    ready = self.push(self.number(event, part)) or ready
+                return ready
+        elif self.first_chunk_at is None:
+            self.first_chunk_at = asyncio.get_running_loop().time()
+        return self.push(self.number(event, text))
 
     def number(self, event: str, data: str) -> bytes:
         """The next frame, numbered (and padded), kept for a returning reader and shared."""
@@ -157,10 +153,15 @@ class Stream:
             self.share(self, frame)
         return frame
 
-    async def send(self, frames: bytes) -> None:
+    def push(self, frames: bytes) -> asyncio.Future[None] | None:
         """To the reader, if there is one now: one frame, or several written at once."""
-        if self.listener is not None:
-            await self.listener.send(frames)
+        listener = self.listener
+        return listener.push(frames) if listener is not None else None
+
+    async def send(self, frames: bytes) -> None:
+        ready = self.push(frames)
+        if ready is not None:
+            await ready
 
     def task_done(self, task: asyncio.Task[None]) -> None:
         """The relay task's done callback (a bound method: a closure is ~0.2 kB a held stream)."""
