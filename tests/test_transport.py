@@ -11,7 +11,7 @@ import httpx2
 import pytest
 
 from tornado_sse.demo import Script
-from tornado_sse.connection import _Connection
+from tornado_sse.connection import HIGH_WATER, _Connection
 from tornado_sse.transport import FastTransport
 
 from .conftest import with_settings
@@ -119,6 +119,26 @@ async def test_a_congested_sink_pauses_the_upstream_until_its_reader_catches_up(
     assert not transport.paused and sink.got == b"helloworld"
     conn.data_received(b"0\r\n\r\n")
     await done
+
+
+async def test_a_read_over_the_high_water_mark_pauses_a_pulled_body_but_never_a_pumped_one():
+    # One read can be that large: asyncio's TLS layer hands over all it has decrypted at once.
+    big = b"x" * (HIGH_WATER + 1)
+    wire = b"%x\r\n%b\r\n" % (len(big), big)
+    conn, transport = answering()
+    sink = Sink()
+    conn.pump(sink)
+    conn.data_received(wire)
+    assert sink.got == big and not transport.paused  # nothing else would resume it
+    conn, transport = _Connection(), FakeTransport()
+    conn.connection_made(transport)
+    conn.start()
+    conn.data_received(HEAD + wire)  # with the head: pulled so far, too much unread
+    assert transport.paused
+    await conn.read_head()
+    sink = Sink()
+    conn.pump(sink)
+    assert sink.got == big and not transport.paused
 
 
 async def test_a_pump_stops_once_its_sink_is_satisfied_and_the_rest_is_read_by_pulling():

@@ -57,8 +57,8 @@ class Usage(NamedTuple):
 
 
 class Finish(NamedTuple):
-    """A stream's last item when it ended as its protocol says: why (the upstream's
-    `finish_reason`: stop, length, content_filter, ...), and the tokens it counted, if it did."""
+    """How an answer ended, when it ended as its protocol says (what `relay` returns): why (the
+    upstream's `finish_reason`: stop, length, content_filter, ...), and the tokens it counted."""
     reason: str
     usage: Usage | None = None
 
@@ -165,7 +165,7 @@ class OpenAIBackend:
 
 
 class SDKAnswer:
-    """An httpx Response, read as an Exchange is (the aiohttp client, a redirect)."""
+    """An httpx Response, read as an Exchange is (the aiohttp client, a redirect, Responses)."""
 
     __slots__ = ("_response",)
     ended = False  # unknown: drain() waits a little for the body's end

@@ -63,7 +63,7 @@ class _Connection(asyncio.Protocol):
         self.body = bytearray()
         self.sink: Sink | None = None  # push mode: the body goes there as it arrives
         self.pumped: asyncio.Future[None] | None = None  # done when the sink has it all
-        self.blocked = False  # the sink's reader is congested: reading is paused
+        self.blocked: asyncio.Future[None] | None = None  # the congested reader's: reading paused
 
     def start(self) -> None:
         """A request is about to be written on this connection."""
@@ -85,8 +85,8 @@ class _Connection(asyncio.Protocol):
             self.error = httpx2.RemoteProtocolError(f"malformed response from the upstream: {exc}")
         if not self.head_done and self.received > MAX_HEAD and self.error is None:
             self.error = httpx2.RemoteProtocolError("response headers too large")
-        if len(self.body) > HIGH_WATER and not self.paused:
-            self._pause()
+        if len(self.body) > HIGH_WATER and not self.paused and self.pumped is None:
+            self._pause()  # pulled: _more resumes; pushed, the body is taken at once
         self._wake()
 
     def eof_received(self) -> bool:
@@ -202,12 +202,13 @@ class _Connection(asyncio.Protocol):
         self.sink = sink
         self.pumped = asyncio.get_running_loop().create_future()
         done = self.pumped
+        self._resume()  # a large read may have paused it while the head was read
         self._push()
         return done
 
     def _push(self) -> None:
         done, sink = self.pumped, self.sink
-        if done is None or sink is None or self.blocked:
+        if done is None or sink is None or self.blocked is not None:
             return
         try:
             while not done.done():
@@ -217,13 +218,14 @@ class _Connection(asyncio.Protocol):
                     ended = ended or sink.satisfied
                     if ready is not None and not ended:
                         # Backpressure: the upstream waits in its socket, not in our memory.
-                        self.blocked = True
+                        self.blocked = ready
                         self._pause()
                         ready.add_done_callback(self._unblock)
                         return
                 if ended:
                     self._unpump()
-                    done.set_result(None)
+                    if not done.done():  # a write in feed() may have lost the reader: cancelled
+                        done.set_result(None)
                 if not piece:
                     return
         except Exception as exc:  # noqa: BLE001 - the reader sees it as it would a pulled read's
@@ -232,15 +234,16 @@ class _Connection(asyncio.Protocol):
                 done.set_exception(exc)
 
     def _unblock(self, ready: asyncio.Future[None]) -> None:
-        self.blocked = False
+        if ready is not self.blocked:
+            return  # a pump that is over (the connection may serve another request by now)
+        self.blocked = None
         if self.pumped is not None:
             self._resume()
             self._push()
 
     def _unpump(self) -> None:
         """Back to pull mode: what follows (the body's end) is read with read_body."""
-        self.sink = self.pumped = None
-        self.blocked = False
+        self.sink = self.pumped = self.blocked = None
 
     def close(self) -> None:
         self.closed = True

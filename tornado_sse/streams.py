@@ -1,5 +1,6 @@
-"""One generation per question: the relay task that reads the backend and numbers the frames, and
-the connection that currently reads them (the registry that holds them all: registry.py).
+"""One generation per question: the relay task that asks the backend, the frames it delivers,
+numbered, to the connection that currently reads them (the registry that holds them all:
+registry.py).
 
 A stream outlives its connection only when `--resume-grace` allows: then a browser that comes back
 with `Last-Event-ID` gets the frames it missed from a bounded buffer and follows live, and no second
