@@ -158,6 +158,20 @@ async def test_a_reader_that_falls_behind_holds_the_upstream_back_then_gets_ever
     assert fake.completed == 1 and not fake.disconnects
 
 
+@tuned(idle_timeout=0.5, send_timeout=10)
+async def test_time_spent_waiting_for_a_slow_reader_is_not_upstream_silence(port, fake):
+    fake.script = Script(deltas=["x" * 65536] * 300)  # more than the socket buffers hold
+    reader, writer = await open_raw(port, "/ask?question=q")
+    body = bytearray(await reader.read(65536))
+    await asyncio.sleep(1.5)  # three idle timeouts, while the upstream waits for us
+    while not body.endswith(b"<END_STREAMING_SSE>\n\n\r\n0\r\n\r\n"):
+        chunk = await reader.read(1 << 20)
+        assert chunk, "the connection closed before the end frame"
+        body += chunk
+    writer.close()
+    assert b"event: error" not in body and body.count(b"x" * 65536) == 300
+
+
 # -- limits ----------------------------------------------------------------------------------------
 
 @tuned(max_streams=2)

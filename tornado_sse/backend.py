@@ -213,6 +213,8 @@ class ChatChunks:
                 ready = self.deliver("update", content) or ready
             if tail is not None:  # the last chunks: finish_reason, then usage
                 self.reason, self.usage = chunk_ending(tail, self.reason, self.usage)
+        if ready is not None:
+            self.watchdog.hold(ready)
         return ready
 
 

@@ -93,6 +93,8 @@ class ResponseEvents:
             if delta is not None:
                 self.watchdog.touch()
                 ready = self.deliver(*delta) or ready
+        if ready is not None:
+            self.watchdog.hold(ready)
         return ready
 
 

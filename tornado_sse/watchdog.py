@@ -27,6 +27,7 @@ class Watchdog:
         self._started = False
         self._task: asyncio.Task[object] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._held: asyncio.Future[None] | None = None
 
     def touch(self) -> None:
         """A token arrived."""
@@ -35,9 +36,22 @@ class Watchdog:
             self._started = True
             self._limit = self._idle
 
+    def hold(self, ready: asyncio.Future[None]) -> None:
+        """The browser is behind: the upstream is not read until `ready` (which --send-timeout
+        bounds), and that wait is not the upstream's silence."""
+        self._held = ready
+        ready.add_done_callback(self._release)
+
+    def _release(self, ready: asyncio.Future[None]) -> None:
+        if ready is self._held:
+            self._held = None
+            self._last = self._loop.time()
+
     def _check(self) -> None:
         due = self._last + self._limit
-        if self._loop.time() < due:
+        if self._held is not None:
+            self._timer = self._loop.call_at(self._loop.time() + self._limit, self._check)
+        elif self._loop.time() < due:
             self._timer = self._loop.call_at(due, self._check)
         elif self._task is not None:
             self._expired = True
