@@ -28,7 +28,7 @@ class EventSocket:
     """The Listener a Stream writes to (streams.Listener), on a connection whose head is out."""
 
     __slots__ = ("io", "edge", "chunked", "keep_alive", "direct", "send_timeout", "pinger",
-                 "log_access", "stream", "remote", "relay", "active", "over")
+                 "log_access", "stream", "remote", "relay", "active", "over", "queued")
 
     def __init__(self, io: IOStream, edge: EdgeServer | None, *, chunked: bool, keep_alive: bool,
                  send_timeout: float, pinger: Pinger, log_access: Callable[[], None]):
@@ -45,6 +45,9 @@ class EventSocket:
         self.relay: asyncio.Task[None] | None = None  # the task following `remote`
         self.active = True  # a frame went out since the Pinger last looked (the head, at least)
         self.over = False  # ended or lost: nothing more is written
+        # The IOStream's future for the last bytes queued on it: until it is done, more bytes go
+        # behind them. (io.writing() says the same, for two Python calls a token.)
+        self.queued: asyncio.Future[None] | None = io.write(b"") if io.writing() else None
         # Each frame is a whole message: send it now. Tornado leaves Nagle's algorithm on until a
         # response is finished; asyncio's transports and nginx (tcp_nodelay on) turn it off.
         io.set_nodelay(True)
@@ -56,7 +59,7 @@ class EventSocket:
         once the frame is out, or after --send-timeout, when the reader is given up."""
         self.active = True
         written = self.write(frame)
-        if written is None or not self.io.writing():
+        if written is None or written.done():
             return None
         loop = asyncio.get_running_loop()
         ready = loop.create_future()
@@ -90,7 +93,7 @@ class EventSocket:
         callbacks. Whatever the kernel does not take, and anything on TLS, goes through the
         IOStream, which keeps the order; its future says when that is out."""
         io = self.io
-        if self.direct and not io.writing():
+        if self.direct and (self.queued is None or self.queued.done()):
             try:
                 sent = io.socket.send(data)
             except BlockingIOError:
@@ -101,7 +104,8 @@ class EventSocket:
             if sent == len(data):
                 return None
             data = data[sent:]
-        return io.write(data)
+        self.queued = io.write(data)
+        return self.queued
 
     def keepalive(self) -> None:
         """The Pinger's look, every --keepalive seconds: a ping if nothing went out since the last."""
