@@ -29,6 +29,13 @@ class EventStreamDecoder:
         self._skip_lf = False  # the last read ended in CR: a LF starting the next one is its pair
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
+        # The usual read: one whole event of one `data: ` line (a Chat Completions chunk), nothing
+        # pending. Its data as is, without splitting it into lines (about 1 us a token).
+        if (not self._pieces and not self._data and not self._skip_lf
+                and chunk.startswith(b"data: ") and chunk.find(b"\n") == len(chunk) - 2
+                and chunk.endswith(b"\n\n") and b"\r" not in chunk and len(chunk) <= MAX_LINE_BYTES):
+            yield chunk[6:-2]
+            return
         if self._skip_lf and chunk:
             self._skip_lf = False
             if chunk.startswith(b"\n"):
