@@ -22,7 +22,7 @@ import httpx2
 import jiter
 import openai
 
-from .connection import Exchange, Sink
+from .connection import Exchange
 from .direct import DirectPoster
 from .errors import ErrorInStream, IncompleteStream, MalformedChunk
 from .eventstream import EventStreamDecoder
@@ -180,22 +180,43 @@ class SDKAnswer:
         await self._response.aclose()
 
 
-class ChatChunks:
-    """A Chat Completions body, piece by piece: each delta to `deliver`, and how it ended."""
+class Decoder:
+    """A streamed answer's body, piece by piece (`read_answer`): each delta to `deliver` as it is
+    decoded, and how the answer ended. A subclass per API: ChatChunks, responses.ResponseEvents."""
 
-    unfinished = "the upstream ended the stream without data: [DONE]"
+    unfinished = "the upstream ended the stream before its end event"
 
     def __init__(self, deliver: Deliver, watchdog: Watchdog):
         self.deliver = deliver
         self.watchdog = watchdog
         self.events = EventStreamDecoder()
-        self.reason: str | None = None
-        self.usage: Usage | None = None
-        self.finish: Finish | None = None
+        self.finish: Finish | None = None  # set by the body's end event
 
     @property
     def satisfied(self) -> bool:
         return self.finish is not None
+
+    def feed(self, piece: bytes) -> asyncio.Future[None] | None:
+        """Deliver the deltas in `piece`; the last delivery's future if the browser is behind."""
+        raise NotImplementedError
+
+    def held(self, ready: asyncio.Future[None] | None) -> asyncio.Future[None] | None:
+        """`ready`, the watchdog held for it: the upstream is not read until the browser catches
+        up, and that wait is not the upstream's silence."""
+        if ready is not None:
+            self.watchdog.hold(ready)
+        return ready
+
+
+class ChatChunks(Decoder):
+    """A Chat Completions body: `data: {chat.completion.chunk}` events, then `data: [DONE]`."""
+
+    unfinished = "the upstream ended the stream without data: [DONE]"
+
+    def __init__(self, deliver: Deliver, watchdog: Watchdog):
+        super().__init__(deliver, watchdog)
+        self.reason: str | None = None
+        self.usage: Usage | None = None
 
     def feed(self, piece: bytes) -> asyncio.Future[None] | None:
         ready = None
@@ -213,16 +234,7 @@ class ChatChunks:
                 ready = self.deliver("update", content) or ready
             if tail is not None:  # the last chunks: finish_reason, then usage
                 self.reason, self.usage = chunk_ending(tail, self.reason, self.usage)
-        if ready is not None:
-            self.watchdog.hold(ready)
-        return ready
-
-
-class Decoder(Sink, Protocol):
-    """A streamed answer's body -> deltas (ChatChunks, responses.ResponseEvents)."""
-
-    finish: Finish | None  # set by the body's end event
-    unfinished: str  # what a body that ends without it is missing
+        return self.held(ready)
 
 
 async def read_answer(response: Exchange | SDKAnswer, decoder: Decoder) -> Finish:

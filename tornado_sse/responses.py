@@ -26,8 +26,8 @@ from typing import Any
 
 import jiter
 
-from .backend import (Deliver, Delta, EventStreamDecoder, Finish, Message, OpenAIBackend, SDKAnswer,
-                      Usage, read_answer)
+from .backend import (Decoder, Deliver, Delta, Finish, Message, OpenAIBackend, SDKAnswer, Usage,
+                      read_answer)
 from .errors import ErrorInStream, IncompleteStream, MalformedChunk
 from .watchdog import Watchdog
 
@@ -67,21 +67,10 @@ class ResponsesBackend(OpenAIBackend):
             return await read_answer(SDKAnswer(response.http_response), ResponseEvents(deliver, watchdog))
 
 
-class ResponseEvents:
-    """A Responses body, piece by piece: each text delta to `deliver`, and how it ended (the
-    Decoder that backend.read_answer reads with, as ChatChunks for Chat Completions)."""
+class ResponseEvents(Decoder):
+    """A Responses body: typed events, the last one `response.completed` (no `data: [DONE]`)."""
 
     unfinished = "the upstream ended the stream without response.completed"
-
-    def __init__(self, deliver: Deliver, watchdog: Watchdog):
-        self.deliver = deliver
-        self.watchdog = watchdog
-        self.events = EventStreamDecoder()
-        self.finish: Finish | None = None
-
-    @property
-    def satisfied(self) -> bool:
-        return self.finish is not None
 
     def feed(self, piece: bytes) -> asyncio.Future[None] | None:
         ready = None
@@ -93,9 +82,7 @@ class ResponseEvents:
             if delta is not None:
                 self.watchdog.touch()
                 ready = self.deliver(*delta) or ready
-        if ready is not None:
-            self.watchdog.hold(ready)
-        return ready
+        return self.held(ready)
 
 
 def parse_response_event(data: bytes) -> Delta | Finish | None:
