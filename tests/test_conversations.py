@@ -23,6 +23,9 @@ class Clock:
         return self.now
 
 
+BROWSER = "browser-0123456789abcdef01"  # an owner id, as BaseHandler.owner gives them
+
+
 def store(clock: Clock | None = None, **bounds: int) -> ConversationStore:
     limits: dict[str, Any] = {"max_turns": 3, "max_chars": 1000, "ttl": 60, "max_conversations": 3, **bounds}
     return ConversationStore(**limits, clock=clock or Clock())
@@ -30,17 +33,27 @@ def store(clock: Clock | None = None, **bounds: int) -> ConversationStore:
 
 def test_a_new_conversation_gets_an_unguessable_id_and_an_unknown_one_restarts() -> None:
     s = store()
-    first, restarted = s.open(None)
+    first, restarted = s.open(None, BROWSER)
     assert not restarted and len(first.id) >= 21
-    again, restarted = s.open(first.id)
+    again, restarted = s.open(first.id, BROWSER)
     assert again is first and not restarted
-    other, restarted = s.open("made-up")
+    other, restarted = s.open("made-up", BROWSER)
     assert other is not first and restarted and other.id != "made-up"
+
+
+def test_an_id_opens_its_conversation_only_for_the_browser_that_started_it() -> None:
+    s = store()
+    mine, _ = s.open(None, BROWSER)
+    assert s.open(mine.id, BROWSER) == (mine, False)
+    assert s.open(mine.id, "someone-else-0123456789a")[1] is True
+    assert s.open(mine.id, BROWSER[:-1])[1] is True
+    nobodys, _ = s.open(None, "")  # an empty owner is nobody's: not even "" gets it back
+    assert s.open(nobodys.id, "")[1] is True
 
 
 def test_messages_carry_the_turns_then_the_question_and_mark_cut_off_answers() -> None:
     s = store()
-    c, _ = s.open(None)
+    c, _ = s.open(None, BROWSER)
     s.record(c, Turn("q1", "a1"))
     s.record(c, Turn("q2", "half an ans", cut_off=True))
     assert c.messages("q3") == [
@@ -51,7 +64,7 @@ def test_messages_carry_the_turns_then_the_question_and_mark_cut_off_answers() -
 
 def test_the_oldest_turns_go_first_past_the_turn_and_character_bounds() -> None:
     s = store(max_turns=2, max_chars=30)
-    c, _ = s.open(None)
+    c, _ = s.open(None, BROWSER)
     for i in range(3):
         s.record(c, Turn(f"q{i}", f"a{i}"))
     assert [t.question for t in c.turns] == ["q1", "q2"]
@@ -62,16 +75,16 @@ def test_the_oldest_turns_go_first_past_the_turn_and_character_bounds() -> None:
 def test_idle_conversations_expire_and_the_least_recently_used_are_evicted() -> None:
     clock = Clock()
     s = store(clock)
-    a, _ = s.open(None)
+    a, _ = s.open(None, BROWSER)
     clock.now += 30
-    b, _ = s.open(None)
+    b, _ = s.open(None, BROWSER)
     clock.now += 31  # a is idle for 61 s, b for 31 s
-    assert s.open(a.id)[1] is True and s.open(b.id) == (b, False)
-    c, _ = s.open(None)
-    d, _ = s.open(None)
-    s.open(b.id)  # b is used again: the least recently used is now the one from open(a.id)
-    e, _ = s.open(None)
-    assert len(s) == 3 and s.open(b.id)[0] is b and s.open(d.id)[0] is d
+    assert s.open(a.id, BROWSER)[1] is True and s.open(b.id, BROWSER) == (b, False)
+    c, _ = s.open(None, BROWSER)
+    d, _ = s.open(None, BROWSER)
+    s.open(b.id, BROWSER)  # b is used again: the least recently used is now the one from open(a.id)
+    e, _ = s.open(None, BROWSER)
+    assert len(s) == 3 and s.open(b.id, BROWSER)[0] is b and s.open(d.id, BROWSER)[0] is d
 
 
 pytestmark_http = pytest.mark.gen_test
@@ -146,6 +159,6 @@ async def test_an_answer_longer_than_the_character_bound_is_kept_cut_and_marked(
 
 def test_the_newest_turn_alone_is_cut_to_the_character_bound() -> None:
     s = store(max_chars=30)
-    c, _ = s.open(None)
+    c, _ = s.open(None, BROWSER)
     s.record(c, Turn("question", "x" * 100))
     assert c.turns == [Turn("question", "x" * 22, cut_off=True)]

@@ -4,12 +4,13 @@ total count with least-recently-used eviction."""
 
 from __future__ import annotations
 
-import hmac
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from .guard import same_owner
 
 Message = dict[str, str]
 CUT_OFF_NOTE = "\n\n[This answer was cut off.]"
@@ -56,14 +57,14 @@ class ConversationStore:
     def __len__(self) -> int:
         return len(self._items)
 
-    def open(self, id: str | None, owner: str = "") -> tuple[Conversation, bool]:
+    def open(self, id: str | None, owner: str) -> tuple[Conversation, bool]:
         """The conversation `id` if `owner` started it, or a new one of `owner`'s; the flag says a
         given id was unknown, expired or someone else's (which must look the same: an id alone
         must not let a stranger read the turns back through the model, nor add to them)."""
         now = self._clock()
         self._expire(now)
         conversation = self._items.get(id) if id else None
-        if conversation is not None and not hmac.compare_digest(conversation.owner.encode(), owner.encode()):
+        if conversation is not None and not same_owner(conversation.owner, owner):
             conversation = None
         if conversation is None:
             conversation = Conversation(secrets.token_urlsafe(16), owner, system=self._system_prompt)

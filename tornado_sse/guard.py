@@ -30,6 +30,12 @@ def secret_equals(given: str, secret: str) -> bool:
     return hmac.compare_digest(given.encode(), secret.encode())
 
 
+def same_owner(stored: str, given: str) -> bool:
+    """Whether `given` is the browser that started what `stored` owns (a stream, a conversation):
+    compared in constant time, and an empty stored owner is nobody's, matched by nobody."""
+    return bool(stored) and secret_equals(given, stored)
+
+
 def bearer(request: tornado.httputil.HTTPServerRequest) -> str | None:
     """The token of an `Authorization: Bearer <token>` header, or None without one."""
     auth = request.headers.get("Authorization", "")

@@ -23,7 +23,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .conversations import Conversation, Turn, add_turn
-from .guard import Gate, new_id
+from .guard import Gate, new_id, same_owner
 from .settings import Settings
 from .redis_frames import BLOCK_MS, CONTROL, PREFIX, Follower, FrameWriter, RemoteReader
 from .store import STORE_DOWN, StoreError
@@ -133,7 +133,7 @@ class RedisStore:
             raise StoreError(STORE_DOWN) from None
         if id and raw is not None:
             data = json.loads(raw)
-            if data["owner"] and data["owner"] == owner:  # ids are random, owners compared whole
+            if same_owner(data["owner"], owner):
                 turns = [Turn(q, a, bool(c)) for q, a, c in data["turns"]]
                 return Conversation(id, owner, turns, system=data["system"]), False
         return Conversation(new_id(), owner, system=self.settings.system_prompt), bool(id)
@@ -283,7 +283,6 @@ class RedisStore:
 
 
 def _owned(meta: dict[Any, Any], owner: str) -> bool:
-    stored = meta.get(b"owner", b"").decode()
-    return bool(stored) and stored == owner
+    return same_owner(meta.get(b"owner", b"").decode(), owner)
 
 

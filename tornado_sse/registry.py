@@ -5,13 +5,13 @@ for a reader that may come back within the resume grace)."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 from collections.abc import Callable
 
 from . import sse
 from .backend import Backend
 from .conversations import Conversation, Turn
+from .guard import same_owner
 from .store import Store
 from .streams import Stream
 
@@ -118,6 +118,3 @@ def turn_of(stream: Stream) -> Turn | None:
         return None
     return Turn(stream.question, "".join(stream.answer), cut_off=stream.outcome != "done")
 
-
-def same_owner(a: str, b: str) -> bool:
-    return bool(a) and hmac.compare_digest(a.encode(), b.encode())
