@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -258,6 +259,11 @@ async def test_while_redis_is_down_questions_get_503_open_streams_finish_and_it_
         rest = await read_until(reader, b"<END_STREAMING_SSE>")
         assert answer_of(first + rest) == "".join(f"tok{i} " for i in range(40))
         writer.close()
+        # ... but its frames for other instances could not be written: the operator sees how many
+        await eventually(lambda: registry.store.dropped > 0, timeout=5)
+        scraped = (await AsyncHTTPClient().fetch(a + "/metrics")).body.decode()
+        dropped = re.search(r"^tornado_sse_shared_frames_dropped_total (\S+)$", scraped, re.M)
+        assert dropped and float(dropped.group(1)) == registry.store.dropped
         refused = await ask(a, "question=q2", headers=OWNER)
         assert refused.status == 503 and refused.headers["Retry-After"] == "5"
         assert json.loads(refused.body)["error"]["code"] == "store_unavailable"

@@ -8,11 +8,14 @@ buckets) and `gen_ai.client.operation.time_to_first_chunk`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import openai
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
 
 from .registry import StreamRegistry
 from .streams import Stream
@@ -56,6 +59,7 @@ class Metrics:
                                      "From the request to the first chunk of text, thinking "
                                      "included (OpenTelemetry gen_ai.client.operation."
                                      "time_to_first_chunk).", buckets=_SECONDS, registry=r)
+        r.register(_DroppedFrames(streams))
         # The labelled series a stream's end touches, each made on first use as labels() does.
         self._children: dict[tuple[MetricWrapperBase, str], Any] = {}
         streams.on_start.append(lambda _: self.started.inc())
@@ -88,3 +92,16 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _DroppedFrames(Collector):
+    """The store's own count, read when scraped: the per-token path only adds to an int."""
+
+    def __init__(self, streams: StreamRegistry):
+        self.streams = streams
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "tornado_sse_shared_frames_dropped", "Frames not written for other instances (Redis "
+            "slow or down): a reader that resumes on another instance misses them.",
+            value=self.streams.store.dropped)

@@ -96,6 +96,10 @@ class RedisStore:
     def up(self) -> bool:
         return self._up
 
+    @property
+    def dropped(self) -> int:
+        return self.writer.dropped
+
     def _down(self, exc: BaseException) -> None:
         if self._up:
             log.warning("store %s unreachable: %s", redacted(self.settings.store), exc)

@@ -72,6 +72,9 @@ class Store(Protocol):
     # Streams other instances may read or stop. `share` is on the per-token path: it never awaits.
     shares_frames: bool
 
+    @property
+    def dropped(self) -> int: ...  # shared frames that could not be written (the store slow or down)
+
     def share(self, stream: Stream, frame: bytes) -> None: ...
 
     def started(self, stream: Stream) -> None: ...
@@ -90,6 +93,7 @@ class MemoryStore:
     shared = False
     up = True
     shares_frames = False
+    dropped = 0
 
     def __init__(self, settings: Settings):
         self.conversations = ConversationStore(
