@@ -173,6 +173,27 @@ async def test_the_last_piece_arriving_while_the_reader_is_busy_is_still_read():
     assert out == [b"hello", b"world"]
 
 
+async def test_the_end_alone_arriving_while_the_reader_is_busy_ends_the_body():
+    conn, _ = answering()
+    conn.data_received(b"5\r\nhello\r\n")
+    async with asyncio.timeout(1):
+        async for piece in conn.read_body():
+            assert piece == b"hello"
+            conn.data_received(b"0\r\n\r\n")  # only the chunked body's end, while busy
+    assert conn.complete
+    # A body without length or chunks ends at the close: one coming while busy ends it too.
+    conn, transport = _Connection(), FakeTransport()
+    conn.connection_made(transport)
+    conn.start()
+    conn.data_received(b"HTTP/1.1 200 OK\r\n\r\nhello")
+    await conn.read_head()
+    async with asyncio.timeout(1):
+        async for piece in conn.read_body():
+            assert piece == b"hello"
+            conn.eof_received()
+    assert conn.complete
+
+
 @pytest.mark.parametrize("wire", [b"zz\r\nab\r\n0\r\n\r\n", b"-1\r\nab\r\n0\r\n\r\n", b"2\r\nabXX0\r\n\r\n"])
 async def test_a_malformed_chunked_body_is_a_protocol_error(wire):
     with pytest.raises(httpx2.RemoteProtocolError):

@@ -189,11 +189,11 @@ class _Connection(asyncio.Protocol):
         while True:
             piece, ended = self.take()
             if piece:
-                yield piece
+                yield piece  # then take() again: the end may have come while the reader was busy
                 del piece  # not held while the stream waits for its next token
-            if ended:
+            elif ended:
                 return
-            if not self.body:
+            else:
                 await self._more()
 
     def pump(self, sink: Sink) -> asyncio.Future[None]:
