@@ -167,14 +167,15 @@ class OpenAIBackend:
 class SDKAnswer:
     """An httpx Response, read as an Exchange is (the aiohttp client, a redirect, Responses)."""
 
-    __slots__ = ("_response",)
+    __slots__ = ("_response", "_chunks")
     ended = False  # unknown: drain() waits a little for the body's end
 
     def __init__(self, response: httpx2.Response):
         self._response = response
+        self._chunks = response.aiter_bytes()  # one iterator: httpx refuses a second
 
     def chunks(self) -> AsyncIterator[bytes]:
-        return self._response.aiter_bytes()
+        return self._chunks
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -184,7 +185,7 @@ class Decoder:
     """A streamed answer's body, piece by piece (`read_answer`): each delta to `deliver` as it is
     decoded, and how the answer ended. A subclass per API: ChatChunks, responses.ResponseEvents."""
 
-    unfinished = "the upstream ended the stream before its end event"
+    unfinished: str  # what a body that ends without its end event lacks, as the error says
 
     def __init__(self, deliver: Deliver, watchdog: Watchdog):
         self.deliver = deliver
@@ -240,15 +241,12 @@ class ChatChunks(Decoder):
 async def read_answer(response: Exchange | SDKAnswer, decoder: Decoder) -> Finish:
     """An answer's body through `decoder`, then closed (early if need be: the upstream sees its
     connection closed at once). On our transport the body is pushed from the socket's callback:
-    no future, task wake-up or loop turn per read (steady100: 46 -> 42 us of server CPU a token).
-    Through httpx (the aiohttp client, a redirect, the Responses API) it is pulled."""
+    no future, task wake-up or loop turn per read (connection.py). Through httpx (the aiohttp client, a redirect, the Responses API) it is pulled."""
     try:
         if isinstance(response, Exchange):
             await response.pump(decoder)
-            chunks = response.chunks()
         else:
-            chunks = response.chunks()
-            async for piece in chunks:
+            async for piece in response.chunks():
                 ready = decoder.feed(piece)
                 if ready is not None:
                     await ready
@@ -256,7 +254,8 @@ async def read_answer(response: Exchange | SDKAnswer, decoder: Decoder) -> Finis
                     break
         if decoder.finish is None:
             raise IncompleteStream(decoder.unfinished)
-        await drain(chunks, response.ended)
+        if not response.ended:  # the body's end has not arrived yet: read on, a little
+            await drain(response.chunks())
         return decoder.finish
     finally:
         await response.aclose()
@@ -321,13 +320,9 @@ def refused_parameter(exc: openai.APIStatusError) -> str | None:
     return found.group(1) if found else None
 
 
-async def drain(chunks: AsyncIterator[bytes], ended: bool = False) -> None:
-    """Read what follows [DONE] (the end of the chunked body) so the connection can be reused.
-    `ended`: the body's end has arrived already, so reading the rest never waits."""
-    if ended:  # no timer to arm and cancel: ~1% of a stream's CPU in burst2000 (the usual case)
-        async for _ in chunks:
-            pass
-        return
+async def drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read what follows the end event (the end of the chunked body) so the connection can be
+    reused; not when the body's end has arrived already (the usual case: no timer to arm)."""
     try:
         async with asyncio.timeout(0.1):
             async for _ in chunks:

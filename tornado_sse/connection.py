@@ -272,8 +272,8 @@ class Exchange:
     def chunks(self) -> AsyncIterator[bytes]:
         return self._conn.read_body()
 
-    async def pump(self, sink: Sink) -> None:
-        await self._conn.pump(sink)
+    def pump(self, sink: Sink) -> asyncio.Future[None]:
+        return self._conn.pump(sink)
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self._conn.read_body()])
