@@ -351,6 +351,21 @@ async def test_a_reconnect_with_last_event_id_resumes_without_a_second_upstream_
     assert len(fake.requests) == 1 and fake.disconnects == []
 
 
+@tuned(resume_grace=0.6)
+async def test_a_reader_taken_over_leaves_no_grace_behind_for_the_one_that_took_over(port, fake):
+    fake.script = Script(tokens=200, token_delay=0.02)
+    first, first_writer = await open_raw(port, "/ask?question=q", OWNER)
+    last_id = [i for i, e, d in _events_with_ids(await read_until(first, b"event: update", 2)) if i][-1]
+    second, second_writer = await open_raw(port, "/ask", {"Last-Event-ID": last_id, **OWNER})
+    await read_until(second, b"event: update", 2)  # took over: the first is dropped
+    await asyncio.sleep(0.3)
+    second_writer.close()  # leaves: the grace (0.6 s) starts now, not when the first was dropped
+    await asyncio.sleep(0.45)
+    assert fake.disconnects == [], "aborted by the dropped reader's grace"
+    await wait_until(lambda: len(fake.disconnects) == 1, timeout=2)
+    first_writer.close()
+
+
 @tuned(resume_grace=3.0)
 async def test_resume_by_query_parameter_after_the_answer_finished(port, fake, base_url):
     fake.script = Script(deltas=["one ", "two ", "three"], token_delay=0.05)

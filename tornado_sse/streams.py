@@ -183,8 +183,9 @@ class Stream:
         if self._grace_timer is not None:
             self._grace_timer.cancel()
             self._grace_timer = None
-        if self.listener is not None and self.listener is not listener:
-            self.listener.drop()
+        old, self.listener = self.listener, None  # no longer ours: dropping it arms no grace
+        if old is not None and old is not listener:
+            old.drop()
         self.listener = None if self.done else listener
 
     def detach(self, listener: Listener) -> None:
