@@ -130,8 +130,7 @@ class EdgeServer(tornado.httpserver.HTTPServer):
 
     def on_close(self, server_conn: object) -> None:
         stream = cast(HTTP1ServerConnection, server_conn).stream
-        connection = self.connections.get(stream)
-        if connection is None or connection.context is None:  # else an event stream holds it
+        if stream.closed():  # else an event stream holds it (detached), or it serves again
             self.release(stream)
         super().on_close(server_conn)
 
