@@ -105,7 +105,7 @@ class AskHandler(BaseHandler):
         backlog = await remote.backlog(after)
         socket = self.replay(backlog, remote.ended)
         if socket is None:
-            if backlog and not remote.ended:  # the browser left before it could follow
+            if backlog is not None and not remote.ended:  # the browser left before following
                 remote.detach()
             return
         socket.remote = remote

@@ -163,7 +163,7 @@ class EventSocket:
             self.stream.detach(self)
         if self.remote is not None:
             self.remote.detach()
-            if self.relay is not None and self.relay is not asyncio.current_task():
+            if self.relay is not None:  # from inside it too: it stops at its next read
                 self.relay.cancel()
         if not self.io.closed():
             self.io.close()  # runs _closed, which gives the connection's place back
