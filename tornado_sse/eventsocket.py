@@ -47,8 +47,7 @@ class EventSocket:
         self.over = False  # ended or lost: nothing more is written
         # The IOStream's future for the last bytes queued on it: until it is done, more bytes go
         # behind them. (io.writing() says the same, for two Python calls a token.)
-        self.queued: asyncio.Future[None] | None = (
-            io.write(b"") if io.writing() and not io.closed() else None)
+        self.queued: asyncio.Future[None] | None = io.write(b"") if io.writing() else None
         # Each frame is a whole message: send it now. Tornado leaves Nagle's algorithm on until a
         # response is finished; asyncio's transports and nginx (tcp_nodelay on) turn it off.
         io.set_nodelay(True)

@@ -3,7 +3,6 @@ what every handler shares: security headers, JSON errors, a log line without the
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 from types import TracebackType
@@ -21,6 +20,7 @@ from .metrics import Metrics
 from .errors import Failure
 from .store import StoreError
 from .registry import StreamRegistry
+from .server import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class MetricsHandler(BaseHandler):
         # proxy on this machine is a loopback peer for everyone it forwards: a request that
         # names a proxy hop came from elsewhere.
         peer = cast(HTTP1Connection, self.request.connection).stream.socket.getpeername()
-        local = _is_loopback(peer[0] if isinstance(peer, tuple) else "")
+        local = is_loopback(peer[0] if isinstance(peer, tuple) else "")
         proxied = any(name in self.request.headers for name in PROXY_HEADERS)
         if not self.config.public_metrics and (not local or proxied):
             raise ClientError(403, "forbidden", "Metrics are served to this machine only "
@@ -250,13 +250,6 @@ class MetricsHandler(BaseHandler):
 # Headers a proxy adds (RFC 7239 Forwarded, the de-facto X-Forwarded-For and nginx's X-Real-IP,
 # RFC 9110 Via).
 PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP", "Via")
-
-
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 class StopHandler(BaseHandler):

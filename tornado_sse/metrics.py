@@ -18,6 +18,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from .registry import StreamRegistry
+from .store import Store
 from .streams import Stream
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
@@ -59,7 +60,7 @@ class Metrics:
                                      "From the request to the first chunk of text, thinking "
                                      "included (OpenTelemetry gen_ai.client.operation."
                                      "time_to_first_chunk).", buckets=_SECONDS, registry=r)
-        r.register(_DroppedFrames(streams))
+        r.register(_DroppedFrames(streams.store))
         # The labelled series a stream's end touches, each made on first use as labels() does.
         self._children: dict[tuple[MetricWrapperBase, str], Any] = {}
         streams.on_start.append(lambda _: self.started.inc())
@@ -97,11 +98,11 @@ class Metrics:
 class _DroppedFrames(Collector):
     """The store's own count, read when scraped: the per-token path only adds to an int."""
 
-    def __init__(self, streams: StreamRegistry):
-        self.streams = streams
+    def __init__(self, store: Store):
+        self.store = store
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         yield CounterMetricFamily(
             "tornado_sse_shared_frames_dropped", "Frames not written for other instances (Redis "
             "slow or down): a reader that resumes on another instance misses them.",
-            value=self.streams.store.dropped)
+            value=self.store.dropped)

@@ -157,7 +157,7 @@ class FrameWriter:
             await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             self.on_error(exc)
-            self.dropped += len(batch)
+            self.dropped += sum(kind == "f" for kind, _, _, _ in batch)  # frames, not start/end
         finally:
             self._writing = None
         if self._pending and not self._scheduled:

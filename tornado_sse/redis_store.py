@@ -66,7 +66,6 @@ def redacted(url: str) -> str:
 
 
 class RedisStore:
-    name = "redis"
     shared = True
     shares_frames: bool
 

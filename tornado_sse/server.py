@@ -59,7 +59,7 @@ def canned(status: int, reason: str, code: str, message: str, extra: str = "") -
             f"X-Content-Type-Options: nosniff\r\n{extra}Connection: close\r\n\r\n").encode() + body
 
 
-def _is_loopback(address: str) -> bool:
+def is_loopback(address: str) -> bool:
     try:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
@@ -107,7 +107,7 @@ class EdgeServer(tornado.httpserver.HTTPServer):
         peer = str(address[0]) if isinstance(address, tuple) and address else ""
         # Loopback peers are this machine's own: a proxy in front (started without
         # --trust-proxy-headers, it would otherwise cap everyone it serves), a benchmark, a probe.
-        cap = 0 if _is_loopback(peer) else self.max_connections_per_address
+        cap = 0 if is_loopback(peer) else self.max_connections_per_address
         if cap and self.open_per_address[peer] >= cap:
             self._refuse(stream, canned(
                 429, "Too Many Requests", "too_many_connections",

@@ -49,7 +49,6 @@ class RemoteStream(Protocol):
 
 
 class Store(Protocol):
-    name: str  # "memory" or "redis"
     shared: bool  # other instances read it: a turn must be kept before the end frame goes out
 
     @property
@@ -89,7 +88,6 @@ class Store(Protocol):
 class MemoryStore:
     """Everything in this process: one instance, no extra service. Streams stay in the registry."""
 
-    name = "memory"
     shared = False
     up = True
     shares_frames = False
