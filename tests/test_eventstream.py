@@ -50,10 +50,10 @@ def test_a_line_and_an_event_just_under_the_caps_are_decoded() -> None:
 def test_whole_events_in_their_own_reads_decode_as_byte_by_byte_reads_do() -> None:
     # Most reads are one whole `data: ` event, which takes a shorter path; around it, the state
     # it must not skip: an unfinished line, an unfinished event, a CR waiting for its LF.
-    reads = [b"data: a\n\n", b"data: b\r", b"\ndata: c\n\n", b"data: d\n", b"data: e\n\n",
+    reads = [b"data: a\n\n", b"data: k\rdata: l\n\n", b"data: b\r", b"\ndata: c\n\n", b"data: d\n", b"data: e\n\n",
              b": comment\n\n", b"data:f\n\n", b"data: g", b"\n\n", b"data: h\n\ndata: i\n\n",
              b"event: x\ndata: j\n\n", b"data: [DONE]\n\n"]
-    expected = [b"a", b"b\nc", b"d\ne", b"f", b"g", b"h", b"i", b"j", b"[DONE]"]
+    expected = [b"a", b"k\nl", b"b\nc", b"d\ne", b"f", b"g", b"h", b"i", b"j", b"[DONE]"]
     whole = EventStreamDecoder()
     assert [data for read in reads for data in whole.feed(read)] == expected
     single = EventStreamDecoder()

@@ -15,7 +15,9 @@ from tornado_sse.ask import AskHandler
 from tornado_sse.demo import FakeUpstream, Script
 from tornado_sse.eventsocket import EventSocket
 
+from .conftest import tuned
 from .sseclient import open_raw, read_until
+from .test_edge import closed_after
 
 pytestmark = pytest.mark.gen_test
 
@@ -51,6 +53,17 @@ async def test_after_the_end_the_connection_serves_the_next_request(port, fake: 
     again = await asyncio.wait_for(read_until(reader, LAST_CHUNK), 5)
     assert b"HTTP/1.1 200 OK\r\n" in again and b"data: two" in again
     assert len(fake.requests) == 2
+    writer.close()
+
+
+@tuned(keep_alive_timeout=1.5)
+async def test_after_the_end_the_connection_waits_for_its_next_request_under_the_keep_alive_timeout(
+        port, fake: FakeUpstream):
+    fake.script = Script(deltas=["one"])
+    reader, writer = await open_raw(port, "/ask?question=q")
+    await read_until(reader, LAST_CHUNK)
+    took = await closed_after(reader, writer, 10)
+    assert 1.0 < took < 3.0  # the keep-alive timeout, not the first request's header timeout (20 s)
     writer.close()
 
 

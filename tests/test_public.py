@@ -164,6 +164,7 @@ async def test_time_spent_waiting_for_a_slow_reader_is_not_upstream_silence(port
     reader, writer = await open_raw(port, "/ask?question=q")
     body = bytearray(await reader.read(65536))
     await asyncio.sleep(1.5)  # three idle timeouts, while the upstream waits for us
+    assert fake.completed == 0  # it did wait: backpressure held it
     while not body.endswith(b"<END_STREAMING_SSE>\n\n\r\n0\r\n\r\n"):
         chunk = await reader.read(1 << 20)
         assert chunk, "the connection closed before the end frame"

@@ -27,7 +27,6 @@ from tornado_sse.demo import Script
 from tornado_sse.redis_store import redacted
 from tornado_sse.settings import Settings, SettingsError
 from tornado_sse.store import MemoryStore, Store, make_store
-from tornado_sse import sse
 from tornado_sse.registry import StreamRegistry
 
 from .conftest import OWNER
@@ -78,7 +77,7 @@ async def instance(settings: Settings) -> AsyncIterator[tuple[str, StreamRegistr
 def answer_of(raw: bytes) -> str:
     """The answer text of a whole raw response; an error frame fails the test."""
     events = [(e, d) for _, e, d in _events_with_ids(raw)]
-    assert ("error" not in [e for e, _ in events]) and events[-1] == ("update", sse.END_MARKER)
+    assert ("error" not in [e for e, _ in events]) and events[-1] == END
     return "".join(d for e, d in events[:-1] if e == "update")
 
 
@@ -169,6 +168,7 @@ async def test_a_question_that_got_no_answer_adds_no_turn_in_either_store(kind, 
         follow = await ask(url, f"question=second&conversation={failed.meta['conversation']}",
                            headers=OWNER)
         # (memory keeps the empty conversation, Redis stores one only with its first turn)
+        assert follow.text == "ok" and follow.meta["restarted"] is (kind == "redis")
         assert fake.requests[-1]["messages"] == [{"role": "user", "content": "second"}]
 
 
@@ -260,7 +260,9 @@ async def test_while_redis_is_down_questions_get_503_open_streams_finish_and_it_
         assert answer_of(first + rest) == "".join(f"tok{i} " for i in range(40))
         writer.close()
         # ... but its frames for other instances could not be written: the operator sees how many
-        await eventually(lambda: registry.store.dropped > 0, timeout=5)
+        writer_ = registry.store.writer  # type: ignore[attr-defined]
+        await eventually(lambda: registry.store.dropped > 0 and writer_._writing is None
+                         and not writer_._pending, timeout=5)  # and nothing more to write
         scraped = (await AsyncHTTPClient().fetch(a + "/metrics")).body.decode()
         dropped = re.search(r"^tornado_sse_shared_frames_dropped_total (\S+)$", scraped, re.M)
         assert dropped and float(dropped.group(1)) == registry.store.dropped

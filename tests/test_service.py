@@ -11,7 +11,7 @@ import pytest
 
 from tornado_sse.cli import parse_settings
 from tornado_sse.demo import FakeUpstream, Script
-from tornado_sse.handlers import _is_loopback
+from tornado_sse.server import is_loopback
 from tornado_sse.streams import log_id
 
 from .sseclient import ask
@@ -72,7 +72,7 @@ async def test_public_metrics_are_served_through_a_proxy_too(base_url, http_clie
 @pytest.mark.parametrize("address, loopback", [("127.0.0.1", True), ("127.8.9.1", True), ("::1", True),
                                                ("10.0.0.1", False), ("203.0.113.9", False), ("", False)])
 def test_only_loopback_peers_count_as_local(address: str, loopback: bool) -> None:
-    assert _is_loopback(address) is loopback
+    assert is_loopback(address) is loopback
 
 
 @pytest.mark.gen_test
