@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import tempfile
 import time
 import tracemalloc
+import urllib.request
 from pathlib import Path
 
 import procs
@@ -30,7 +32,9 @@ tracemalloc.start(6)
 out, taken = sys.argv.pop(1), []
 def snapshot(*_):
     gc.collect()
-    tracemalloc.take_snapshot().dump(os.path.join(out, f"snap-{len(taken)}"))
+    path = os.path.join(out, f"snap-{len(taken)}")
+    tracemalloc.take_snapshot().dump(path + ".tmp")
+    os.replace(path + ".tmp", path)  # whole, or not there yet
     taken.append(1)
     print("snapshot", len(taken), file=sys.stderr, flush=True)
 signal.signal(signal.SIGUSR1, snapshot)
@@ -44,7 +48,6 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=1000)
     p.add_argument("--top", type=int, default=12, help="allocating lines to show")
     args = p.parse_args()
-    procs.raise_nofile()
     py, logs = sys.executable, Path(tempfile.mkdtemp(prefix="heap-"))
     up = procs.start([py, str(procs.BENCH / "upstream.py"), "--tokens", "100", "--token-delay", "1"],
                      logs / "upstream.log", stdout_pipe=True)
@@ -64,8 +67,13 @@ def main() -> None:
         loadgen = procs.start([py, str(procs.BENCH / "loadgen.py"), "--port", str(port), "--streams",
                                str(args.streams), "--ramp", "1", "--timeout", "120", "--hold", "10"],
                               logs / "loadgen.log", stdout_pipe=True)
-        if not procs.read_line(loadgen, 120).startswith("READY"):
+        if not procs.read_line(loadgen, 150).startswith("READY"):
             raise RuntimeError(f"the streams did not all start (see {logs})")
+        # READY also comes when loadgen's wait times out: count the streams the server holds.
+        held = re.search(rb"^tornado_sse_active_streams (\S+)$", urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/metrics", timeout=30).read(), re.M)
+        if held is None or float(held.group(1)) != args.streams:
+            raise RuntimeError(f"the server holds {held and held.group(1)!r} streams, not {args.streams}")
         snapshot(srv.pid, logs / "snap-1")
     finally:
         for proc in (loadgen, srv, up):
@@ -77,10 +85,9 @@ def main() -> None:
 def snapshot(pid: int, path: Path) -> None:
     os.kill(pid, signal.SIGUSR1)
     deadline = time.monotonic() + 60
-    while not path.exists() or path.stat().st_size == 0:
+    while not path.exists():
         assert time.monotonic() < deadline, f"no snapshot at {path}"
         time.sleep(0.2)
-    time.sleep(1.0)  # written whole
 
 
 def report(before: Path, after: Path, streams: int, top: int) -> None:
