@@ -159,7 +159,7 @@ def test_a_redis_store_without_a_shared_session_secret_is_refused() -> None:
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 async def test_a_question_that_got_no_answer_adds_no_turn_in_either_store(kind, settings, fake, redis):
     # The Redis store keeps a turn before the end frame (Stream.run), the memory store when the
-    # task ends (StreamRegistry.finished): the same rule (registry.turn_of) for both.
+    # task ends (StreamRegistry.finished): the same rule (registry.take_turn) for both.
     async with instance(shared(settings, redis.url) if kind == "redis" else settings) as (url, _):
         fake.script = Script(fail="status", status=400)
         failed = await ask(url, "question=first", headers=OWNER)

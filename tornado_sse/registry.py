@@ -71,8 +71,7 @@ class StreamRegistry:
         """A stream's relay task is done (Stream.task_done), however it ended."""
         self.running -= 1
         stream.finished_at = asyncio.get_running_loop().time()
-        turn = None if stream.recorded else turn_of(stream)
-        stream.recorded = True
+        turn = take_turn(stream)
         if turn is not None:
             self.store.keep(stream.conversation, turn)
         self.store.finished(stream)
@@ -88,8 +87,7 @@ class StreamRegistry:
 
     async def keep_turn(self, stream: Stream) -> None:
         """Add the stream's question and answer to its conversation, once."""
-        turn = None if stream.recorded else turn_of(stream)
-        stream.recorded = True
+        turn = take_turn(stream)
         if turn is None:
             return
         try:
@@ -110,10 +108,14 @@ class StreamRegistry:
                 stream.shut_down()
 
 
-def turn_of(stream: Stream) -> Turn | None:
-    """What a finished stream adds to its conversation: its question and answer, cut off or not;
+def take_turn(stream: Stream) -> Turn | None:
+    """What a finished stream adds to its conversation, once (a shared store keeps it before the
+    end frame, the memory store when the task ends): its question and answer, cut off or not;
     nothing when no answer came (the question was never answered: asking it again is the user's
     choice, and the model must not see an empty answer)."""
+    if stream.recorded:
+        return None
+    stream.recorded = True
     if not stream.answer and stream.outcome != "done":
         return None
     return Turn(stream.question, "".join(stream.answer), cut_off=stream.outcome != "done")

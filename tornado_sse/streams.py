@@ -122,8 +122,9 @@ class Stream:
         # also runs the reader's side of TCP (~2% of burst2000's CPU a send).
         last += self.number("update", sse.END_MARKER)
         self.done = True
-        if self.listener is not None:
-            self.listener.end(last)
+        listener, self.listener = self.listener, None  # not kept (nor its socket) for the grace
+        if listener is not None:
+            listener.end(last)
 
     def deliver(self, event: str, text: str) -> asyncio.Future[None] | None:
         """A delta from the backend, as it arrives (backend.Deliver): its frame to the reader now.
